@@ -1,0 +1,21 @@
+"""Test-wide setup: 8 fake CPU devices (set before JAX is imported anywhere)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Tests compare against float32 NumPy references; keep XLA's default matmul precision exact.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+  """A 1-D `data` mesh over the 8 fake CPU devices (Auto axis, as our trainer uses)."""
+  assert jax.device_count() == 8, "conftest must run before JAX initialises"
+  return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
