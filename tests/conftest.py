@@ -1,6 +1,7 @@
 """Test-wide setup: 8 fake CPU devices (set before JAX is imported anywhere)."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -12,6 +13,12 @@ import pytest  # noqa: E402
 
 # Tests compare against float32 NumPy references; keep XLA's default matmul precision exact.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Compiled executables are reused across tests (and subprocesses, and later runs): several
+# tests train the same smoke config, and compiling dominates their time on 2 cores.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("SEMIJAX_TEST_JAX_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "semijax-test-jax-cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture(scope="session")

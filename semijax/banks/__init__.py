@@ -1,0 +1,6 @@
+"""Memory banks as pytrees with pure init/push/read functions."""
+
+from semijax.banks import fifo
+from semijax.banks.fifo import ClassBank
+
+__all__ = ["fifo", "ClassBank"]

@@ -1,0 +1,151 @@
+"""Train-step benchmark: compile time, steady-state step time, and the machine's peak.
+
+    python -m experiments.benchmarks.step_time --preset=demo --out=results/step_time_demo.json
+    python -m experiments.benchmarks.step_time --preset=r101_cpu --out=results/step_time_r101.json
+    python -m experiments.benchmarks.step_time --config=experiments/configs/dgcl.py:split=1/8
+
+In the same process it measures float32 matmul and conv throughput (best of several
+repetitions, before and after the step timings, since CPU throughput here drifts by up to
+2x within an hour) and reports the step's XLA-counted FLOPs as a fraction of that peak.
+The batch is synthetic (random images and labels of the configured shapes): the data
+pipeline is not part of the step.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import cli
+
+flags.DEFINE_enum("preset", None, ["demo", "r101_cpu"], "A named benchmark entry.")
+flags.DEFINE_integer("steps", 10, "Timed steady-state steps (after one warm-up step).")
+flags.DEFINE_string("out", None, "JSON output path (default: print only).")
+config_flags.DEFINE_config_file("config", None, "Config file (path.py:args).",
+                                lock_config=True)
+FLAGS = flags.FLAGS
+
+PRESETS = {
+    # The demo's own config (embedded data, small DeepLabv3+), as `make demo` trains it.
+    "demo": ("dgcl", {}),
+    # DeepLabv3+ ResNet-101 (deep stem, OS16) at 321x321, 2 labeled + 2 unlabeled images.
+    "r101_cpu": ("mean_teacher", {
+        "model.name": "deeplabv3plus_resnet101", "model.kwargs": {"stem": "deep"},
+        "data.crop_size": 321, "data.labeled_batch": 2, "data.unlabeled_batch": 2,
+        "train.num_devices": 1}),
+}
+
+
+def _best_time(fn, reps: int) -> float:
+  fn()  # compile / warm
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def machine_peak(reps: int = 5) -> dict:
+  """Best-of-`reps` float32 GFLOP/s of a 2048^3 matmul and a 3x3 conv (NHWC)."""
+  a = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  t_mm = _best_time(lambda: mm(a), reps)
+  x = jnp.ones((8, 128, 128, 64), jnp.float32)
+  w = jnp.ones((3, 3, 64, 64), jnp.float32)
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  t_conv = _best_time(lambda: conv(x, w), reps)
+  return {"matmul_gflops": 2 * 2048 ** 3 / t_mm / 1e9,
+          "conv_gflops": 2 * 8 * 128 * 128 * 64 * 64 * 9 / t_conv / 1e9}
+
+
+def synthetic_batch(config, num_classes: int, uses_unlabeled: bool, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  s = config.data.crop_size
+
+  def part(n):
+    return {"image": rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+            "label": rng.integers(0, num_classes, (n, s, s)).astype(np.uint8),
+            "pad": np.zeros((n, s, s), bool), "index": np.arange(n)}
+  batch = {"labeled": part(config.data.labeled_batch)}
+  if uses_unlabeled:
+    batch["unlabeled"] = part(config.data.unlabeled_batch)
+  return batch
+
+
+def benchmark_step(config, steps: int) -> dict:
+  """Compile and steady-state time of the config's train step on a synthetic batch."""
+  from semijax import parallel  # pylint: disable=g-import-not-at-top
+  from semijax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
+  run = loop.Run(config, "/tmp/semijax-benchmark")
+  state = run.init_state()
+  batch = parallel.put_batch(synthetic_batch(config, run.info.num_classes,
+                                             run.method.uses_unlabeled), run.mesh)
+  fn = jax.jit(step_lib.make_train_step(run.model, run.method, config), donate_argnums=0)
+  t = time.perf_counter()
+  compiled = fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return {"compile_seconds": compile_s, "step_seconds_median": float(np.median(times)),
+          "step_seconds_min": float(np.min(times)), "step_flops": flops,
+          "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+          "devices": run.mesh.devices.size, "platform": jax.devices()[0].platform}
+
+
+def main(argv):
+  del argv
+  cli.setup()
+  if FLAGS.preset:
+    import importlib  # pylint: disable=g-import-not-at-top
+    name, overrides = PRESETS[FLAGS.preset]
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("")
+    with config.unlocked():
+      for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+          node = node[p]
+        node[leaf] = value
+  elif FLAGS.config is not None:
+    config = FLAGS.config
+  else:
+    raise app.UsageError("give --preset or --config")
+  before = machine_peak()
+  step = benchmark_step(config, FLAGS.steps)
+  after = machine_peak()
+  peak = {k: max(before[k], after[k]) for k in before}
+  achieved = step["step_flops"] / step["step_seconds_median"] / 1e9
+  result = {
+      "preset": FLAGS.preset, "method": config.method.name, "model": config.model.name,
+      "crop_size": config.data.crop_size, "labeled_batch": config.data.labeled_batch,
+      "unlabeled_batch": config.data.unlabeled_batch, **step,
+      "achieved_gflops": achieved, "peak_before": before, "peak_after": after,
+      "fraction_of_matmul_peak": achieved / peak["matmul_gflops"],
+      "fraction_of_conv_peak": achieved / peak["conv_gflops"],
+      "jax": jax.__version__, "cpu_count": os.cpu_count(),
+  }
+  print(json.dumps(result, indent=1))
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,159 @@
+"""Base config: every field of every run, each with a one-line comment.
+
+Method/dataset files import `get_config()` from here and override only what differs. The
+ConfigDict is locked, so a misspelt key (in a file or on the command line) is an error that
+lists the valid keys.
+
+    python -m experiments.train --config=experiments/configs/supervised.py:split=1/16 \
+        --workdir=runs/sup_1_16
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                          # init, data order, augmentation and every per-step random choice
+
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "supervised"        # supervised | mean_teacher | dgcl | dssn
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "embedded"         # embedded | voc | cityscapes | folder
+  c.data.root = ""                    # dataset folder for voc / cityscapes / folder
+  c.data.protocol = ""                # split family: voc classic|blended_cps|blended_u2pl, cityscapes cps
+  c.data.split = "1/16"               # labeled split: a fraction (1/16..1/2, full) or a list name (e.g. 732)
+  c.data.split_seed = 0               # which random labeled subset (fraction splits only)
+  c.data.val_fraction = 0.0           # custom folders without a val list: fraction held out for val
+  c.data.label_format = "trainIds"    # cityscapes labels: trainIds | labelIds (mapped on the fly)
+  c.data.crop_size = 48               # training crop side in pixels
+  c.data.scale_range = (0.75, 1.25)   # random rescale factor range before cropping
+  c.data.base_size = 0                # resize the long side to this before scaling (0: keep; CAC uses it)
+  c.data.flip = False                 # random horizontal flip (off for digits: mirrored digits are other glyphs)
+  c.data.labeled_batch = 16           # global labeled batch per step (all devices and processes)
+  c.data.unlabeled_batch = 16         # global unlabeled batch per step (ignored by supervised)
+  c.data.num_workers = 0              # grain worker processes (0: in the main process)
+  c.data.eval_batch = 64              # global eval batch
+  c.data.eval_size = ()               # pad eval images to (H, W) so batches share one shape; () keeps sizes
+  c.data.embedded = ml_collections.ConfigDict()   # scene generator (semijax.data.embedded.SceneConfig)
+  c.data.embedded.canvas = 48         # scene side in pixels
+  c.data.embedded.num_train = 3200    # train pool size
+  c.data.embedded.num_val = 640       # val set size
+  c.data.embedded.digits_per_scene = (1, 3)   # inclusive range of digits per scene
+  c.data.embedded.digit_size = (18, 30)       # inclusive range of digit sizes in pixels
+  c.data.embedded.stroke_threshold = 0.3      # digit intensity above which a pixel is labelled
+  c.data.embedded.background_blur = 1.0       # Gaussian sigma on the background photo
+  c.data.embedded.background_contrast = 0.6   # fraction of the photo's contrast kept
+  c.data.embedded.ink_alpha_gain = 1.6        # digit opacity = clip(gain * intensity, 0, 1)
+  c.data.embedded.seed = 0            # scene generator seed (the dataset itself)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "deeplabv3plus_small"   # semijax.models.registry names
+  c.model.dtype = "float32"           # compute dtype: bfloat16 on accelerators (params stay float32)
+  c.model.pretrained = ""             # torchvision/deep-stem backbone weights (.safetensors or .pth)
+  c.model.kwargs = ml_collections.ConfigDict()    # backbone/segmenter arguments (stem, output_stride, ...)
+  c.model.kwargs.widths = (32, 64, 96, 128)       # small backbone stage widths
+  c.model.kwargs.stem_width = 32      # small backbone stem width
+  c.model.kwargs.stem_stride = 2      # small backbone stem conv stride
+  c.model.kwargs.stem_pool = True     # small backbone stem max-pool (stride 2)
+  c.model.kwargs.output_stride = 8    # backbone output stride
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"                # sgd (PyTorch semantics) | adamw
+  c.optim.base_lr = 0.05              # backbone learning rate
+  c.optim.head_lr_mult = 1.0          # decoder/heads learning rate = base_lr * this
+  c.optim.momentum = 0.9              # SGD momentum
+  c.optim.weight_decay = 1e-4         # L2 weight decay (added to the gradient, as torch SGD)
+  c.optim.power = 0.9                 # poly decay power
+  c.optim.warmup_steps = 0            # linear LR warm-up steps (the papers use none)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.total_steps = 1500          # optimizer steps
+  c.train.supervised_warmup_steps = 0 # steps with the supervised loss only (teacher copies student)
+  c.train.log_every = 50              # steps between metric logs
+  c.train.eval_every = 500            # steps between val evaluations of the teacher (0: only at the end)
+  c.train.eval_student = True         # also evaluate the student during training
+  c.train.checkpoint_every = 500      # steps between checkpoints (also saved at every eval and the end)
+  c.train.keep_checkpoints = 2        # most recent checkpoints kept (plus the best by val mIoU)
+  c.train.nonfinite = "stop"          # non-finite loss/grad: stop (last good checkpoint kept) | skip
+  c.train.num_devices = 0             # devices in the data mesh (0: all)
+  c.train.grad_accum_steps = 1        # micro-batches per optimizer step
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.99                  # teacher keep-rate
+  c.ema.warmup = "u2pl"               # none | u2pl: min(1 - 1/(t+1), decay) | cosine (Alonso et al.)
+  c.ema.copy_steps = 0                # steps after the supervised warm-up during which the teacher copies the student
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.supervised = "ce"            # ce | ohem (Cityscapes recipes)
+  c.loss.ohem_thresh = 0.7            # OHEM probability threshold
+  c.loss.ohem_min_kept = 100000       # OHEM minimum kept pixels per batch
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.mode = "whole"               # whole | center_crop | sliding_window
+  c.eval.crop = 0                     # center_crop side
+  c.eval.window = 0                   # sliding window side
+  c.eval.stride = 0                   # sliding window stride (0: ceil(2/3 window))
+
+  c.mean_teacher = ml_collections.ConfigDict()
+  c.mean_teacher.unsup_weight = 1.0   # lambda_u
+  c.mean_teacher.conf_threshold = 0.95  # teacher confidence needed for a pseudo-label
+  c.mean_teacher.strong_augment = "unimatch"  # photometric preset of the strong view
+  c.mean_teacher.cutmix = True        # CutMix on the strong view
+  c.mean_teacher.cutmix_prob = 0.5    # per-image CutMix probability
+  c.mean_teacher.rampup_steps = 0     # linear ramp of the unsupervised weight after warm-up
+
+  # DGCL (Wang et al. 2023); defaults = the official code's VOC recipe (paper values: preset=paper).
+  c.dgcl = ml_collections.ConfigDict()
+  c.dgcl.unsup_weight = 0.5           # lambda_u (paper 1)
+  c.dgcl.contra_weight = 0.5          # lambda_c (paper 1; official effective weight 0.5 / #GPUs)
+  c.dgcl.drop_percent = 20.0          # beta_0: % highest-entropy pseudo-labels dropped, decays to 0
+  c.dgcl.contra_label_filter = True   # separate entropy filter for contrastive labels (official, not in paper)
+  c.dgcl.contra_drop_percent = 80.0   # alpha_0 of that filter: max(alpha_0 (1 - progress), alpha_min)
+  c.dgcl.contra_drop_min = 10.0       # alpha_min
+  c.dgcl.steps_per_epoch = 0          # >0: progress advances per epoch as the official code (0: per step)
+  c.dgcl.cutmix_prob = 0.5            # probability that a batch is CutMixed (U2PL half-image box)
+  c.dgcl.strong_augment = "none"      # photometric preset on the strong view (official: none)
+  c.dgcl.unsup_reduction = "u2pl"     # selected | all | u2pl: the official U2PL-weighted CE
+  c.dgcl.projection_dim = 256         # projection head width (Linear-BN-ReLU-Linear on decoder features)
+  c.dgcl.num_anchors = 200            # N_q lowest-density anchors per class (paper 256)
+  c.dgcl.num_batch_keys = 50          # highest-density positive keys from the batch (paper 256)
+  c.dgcl.num_bank_keys = 50           # highest-density positive keys from the bank (paper 256)
+  c.dgcl.num_negatives = 512          # R- random negatives from other classes of the batch
+  c.dgcl.temperature = 0.5            # tau
+  c.dgcl.ks = (8, 16, 32)             # multi-scale kNN sizes of the density (eqs. 7-8)
+  c.dgcl.loss_form = "supcon"         # supcon: positive in the denominator (official) | paper (eq. 13)
+  c.dgcl.exclude_classes = (0,)       # classes never used as anchors (official: 0, also on Cityscapes)
+  c.dgcl.wait_for_full_bank = True    # loss is 0 until every class bank is full (official)
+  c.dgcl.bank_size = 10000            # bank capacity per class
+  c.dgcl.push_per_class = 1000        # pixels pushed per class per step (random subset)
+  c.dgcl.min_bank_size_for_density = 1000   # stored density is computed only above this fill (else 0)
+  c.dgcl.max_pixels_per_class = 10000 # candidate pixels per class considered per step (random subset)
+
+  # DSSN (Tian et al. 2023); defaults = the official code's VOC recipe.
+  c.dssn = ml_collections.ConfigDict()
+  c.dssn.w2s_weight = 0.25            # gamma_2: weak-to-strong CE terms (image and feature level)
+  c.dssn.consistency_weight = 0.01    # gamma_1: dual-level consistency terms
+  c.dssn.overall_scale = 0.5          # official overall factor 1/2 on the whole loss (paper: 1)
+  c.dssn.pseudo_rule = "cplg"         # cplg (VOC) | confidence (fixed threshold; Cityscapes: 0)
+  c.dssn.cplg_ratio = 0.96            # r: tau_j = r * m_j for a class peaking above tau_low
+  c.dssn.cplg_tau_low = 0.92          # tau_low: classes peaking at or below it select nothing
+  c.dssn.cplg_rule = "official"       # official | max: tau_j = max(r * m_j, tau_low)
+  c.dssn.conf_threshold = 0.95        # fixed threshold when pseudo_rule = confidence
+  c.dssn.image_level_views = 2        # strong views per unlabeled image (1 disables L_cl^ls)
+  c.dssn.feature_level = True         # feature-level siamese branch (channel dropout)
+  c.dssn.feature_dropout = 0.5        # Dropout2d rate on low- and high-level features
+  c.dssn.consistency_image = True     # L_cl^ls between the two strong views (Table 5)
+  c.dssn.consistency_feature = True   # L_cl^hs between the two dropout views (Table 5)
+  c.dssn.consistency_form = "standardized_mse"  # standardized_mse (official) | l2 (paper eqs. 10, 14)
+  c.dssn.strong_augment = "dssn"      # photometric preset of the strong views
+  c.dssn.cutmix_prob = 0.5            # per-view, per-image CutMix probability
+  c.dssn.w2s_start_step = 1           # image-level w2s terms start here (official: after step 0)
+
+  # The recipe a config reproduces (published setting); the run warns when it differs.
+  c.recipe = ml_collections.ConfigDict()
+  c.recipe.global_batch = 0           # labeled images per step in the paper's setting (0: none)
+  c.recipe.gpus = 0                   # GPUs of the published run
+  c.recipe.base_lr = 0.0              # published base learning rate
+  c.recipe.source = ""                # where the recipe comes from (config file of the official code)
+  return c
