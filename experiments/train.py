@@ -2,7 +2,16 @@
 
     python -m experiments.train --config=experiments/configs/mean_teacher.py:split=1/16 \
         --workdir=runs/mt_1_16 [--config.train.total_steps=3000] [--check]
+
+--check validates the config (against every field of experiments/configs/base.py), the data
+(every record decoded), the model, the workdir and an existing checkpoint, then exits without
+writing anything. A refused run (bad config, data, workdir or checkpoint) prints one line
+naming the culprit and exits with status 1, leaving the workdir as it was. SIGTERM/SIGINT
+save a checkpoint at the next step boundary and exit with status 0.
 """
+
+import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -17,15 +26,34 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a one-line error for a --config override of an unknown field."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: the field does not exist
+    reason = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    print(f"[semijax] error (ConfigError): a --config override names an unknown config field: "
+          f"{reason}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def main(argv):
   del argv
   cli.setup()
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
   from semijax.train import loop  # pylint: disable=g-import-not-at-top
-  if FLAGS.check:
-    loop.check(FLAGS.config, FLAGS.workdir)
-    return
-  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    loop.check_config(FLAGS.config, reference=base.get_config())
+    if FLAGS.check:
+      loop.check(FLAGS.config, FLAGS.workdir)
+    else:
+      loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except loop.USER_ERRORS as e:
+    if FLAGS.verbosity > 0:
+      traceback.print_exc()
+    print(f"[semijax] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

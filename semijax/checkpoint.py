@@ -14,7 +14,7 @@ Crash safety (each point is exercised by tests/train/test_crash_safety.py):
   deletes the unfinished temporary directory (`cleanup_tmp_directories`).
 - Saves are asynchronous; a write error (a full disk) surfaces at the next `save` or `wait`,
   where it is raised as `CheckpointSaveError` naming the directory, the step and the OS
-  reason, after the unfinished directory has been removed.
+  reason; the unfinished directory is deleted by the next writable `Checkpointer`.
 - `Checkpointer(..., read_only=True)` never writes, so a run can inspect (and refuse) a
   workdir's checkpoints before it has written anything.
 The last `keep` checkpoints and the best one by validation mIoU are kept.
@@ -104,10 +104,14 @@ class Checkpointer:
       policies.append(checkpoint_managers.BestN(get_metric_fn=_metric, reverse=False, n=1,
                                                 keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=None if read_only else
-        checkpoint_managers.AnyPreservationPolicy(policies),
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save and not read_only,
         cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+    if not read_only and jax.process_index() == 0:
+      # Unfinished saves of a killed run; orbax would delete them in the background too,
+      # but doing it now makes the state of the directory known when this returns.
+      for path in glob.glob(os.path.join(glob.escape(self.directory), f"*{TMP_SUFFIX}*")):
+        shutil.rmtree(path, ignore_errors=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._in_flight: Optional[int] = None  # step of the last save not yet known to be done
 
@@ -117,22 +121,30 @@ class Checkpointer:
   def best_step(self) -> Optional[int]:
     return self.manager.best_step()
 
-  def _save_failed(self, error: OSError, failed: Optional[int]):
-    """Removes the unfinished directory of `failed` and explains what is still on disk."""
-    if failed is not None:
-      for path in glob.glob(os.path.join(self.directory, f"{failed}{TMP_SUFFIX}*")):
-        shutil.rmtree(path, ignore_errors=True)  # frees the space a full disk needs back
+  def _save_failed(self, error: Exception, failed: Optional[int]):
+    """Explains a failed save and what is still on disk.
+
+    The unfinished `<step>.orbax-checkpoint-tmp` directory is left where it is: orbax may
+    still be writing other items into it when the first error surfaces, and the next
+    writable `Checkpointer` (the resumed run) deletes it.
+    """
     try:
       intact = self.manager.latest_step()
     except Exception:  # pylint: disable=broad-except
       intact = None
-    reason = os.strerror(error.errno) if error.errno else str(error)
+    if isinstance(error, OSError) and error.errno:
+      reason = f"{os.strerror(error.errno)} ({error.filename or error})"
+    else:  # tensorstore reports OS errors as ValueError('... [os_error_code=28]')
+      reason = f"{type(error).__name__}: {str(error)[:400]}"
+    full = (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+            or "os_error_code='28'" in str(error))
     hint = " Free some space (or move --workdir), then rerun the same command to resume." \
-        if error.errno == errno.ENOSPC else ""
+        if full else ""
     return CheckpointSaveError(
         f"could not write checkpoint {'step %d ' % failed if failed is not None else ''}"
-        f"in {self.directory}: {reason} ({error.filename or error}). The previous checkpoint "
-        f"({'step %d' % intact if intact is not None else 'none'}) is intact.{hint}")
+        f"in {self.directory}: {reason}. The previous checkpoint "
+        f"({'step %d' % intact if intact is not None else 'none'}) is intact; the unfinished "
+        f"one is removed when the run restarts.{hint}")
 
   def save(self, step: int, state: Any, data_state: Optional[dict], meta: Dict[str, Any],
            metrics: Optional[Dict[str, float]] = None) -> None:
@@ -150,7 +162,7 @@ class Checkpointer:
                                   data=ocp.args.JsonSave(data_state or {}),
                                   meta=ocp.args.JsonSave(meta)),
           metrics=metrics if metrics and BEST_METRIC in metrics else None)
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except
       # An error of the previous async save is raised when the next one starts.
       failed = self._in_flight if self._in_flight is not None else int(step)
       self._in_flight = None
@@ -194,7 +206,7 @@ class Checkpointer:
     """Blocks until the last save is on disk; raises `CheckpointSaveError` if it failed."""
     try:
       self.manager.wait_until_finished()
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except
       failed, self._in_flight = self._in_flight, None
       raise self._save_failed(e, failed) from e
     self._in_flight = None
@@ -237,7 +249,8 @@ def prepare_workdir(workdir: str) -> None:
   check_workdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
+    # One name per process: hosts of a multi-process run may share the workdir.
+    probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

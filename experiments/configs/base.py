@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0               # which random labeled subset (fraction splits only)
   c.data.val_fraction = 0.0           # custom folders without a val list: fraction held out for val
   c.data.label_format = "trainIds"    # cityscapes labels: trainIds | labelIds (mapped on the fly)
-  c.data.crop_size = 48               # training crop side in pixels
+  c.data.crop_size = 32               # training crop side in pixels
   c.data.scale_range = (0.75, 1.25)   # random rescale factor range before cropping
   c.data.base_size = 0                # resize the long side to this before scaling (0: keep; CAC uses it)
   c.data.flip = False                 # random horizontal flip (off for digits: mirrored digits are other glyphs)
@@ -36,15 +36,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_batch = 64              # global eval batch
   c.data.eval_size = ()               # pad eval images to (H, W) so batches share one shape; () keeps sizes
   c.data.embedded = ml_collections.ConfigDict()   # scene generator (semijax.data.embedded.SceneConfig)
-  c.data.embedded.canvas = 48         # scene side in pixels
+  c.data.embedded.canvas = 32         # scene side in pixels
   c.data.embedded.num_train = 3200    # train pool size
   c.data.embedded.num_val = 640       # val set size
-  c.data.embedded.digits_per_scene = (1, 3)   # inclusive range of digits per scene
-  c.data.embedded.digit_size = (18, 30)       # inclusive range of digit sizes in pixels
+  c.data.embedded.digits_per_scene = (1, 1)   # inclusive range of digits per scene
+  c.data.embedded.digit_size = (20, 30)       # inclusive range of digit sizes in pixels
   c.data.embedded.stroke_threshold = 0.3      # digit intensity above which a pixel is labelled
-  c.data.embedded.background_blur = 1.0       # Gaussian sigma on the background photo
-  c.data.embedded.background_contrast = 0.6   # fraction of the photo's contrast kept
+  c.data.embedded.background_blur = 1.5       # Gaussian sigma on the background photo
+  c.data.embedded.background_contrast = 0.3   # fraction of the photo's contrast kept
   c.data.embedded.ink_alpha_gain = 1.6        # digit opacity = clip(gain * intensity, 0, 1)
+  c.data.embedded.max_overlap = 0.15          # a digit may cover at most this fraction of earlier ones
+  c.data.embedded.placement_tries = 20        # positions tried to respect max_overlap
   c.data.embedded.seed = 0            # scene generator seed (the dataset itself)
 
   c.model = ml_collections.ConfigDict()
@@ -59,8 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.kwargs.output_stride = 8    # backbone output stride
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "sgd"                # sgd (PyTorch semantics) | adamw
-  c.optim.base_lr = 0.05              # backbone learning rate
+  c.optim.name = "adamw"              # sgd (PyTorch semantics, the papers' recipes) | adamw (embedded benchmark)
+  c.optim.base_lr = 0.003             # backbone learning rate
   c.optim.head_lr_mult = 1.0          # decoder/heads learning rate = base_lr * this
   c.optim.momentum = 0.9              # SGD momentum
   c.optim.weight_decay = 1e-4         # L2 weight decay (added to the gradient, as torch SGD)
@@ -68,12 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 0            # linear LR warm-up steps (the papers use none)
 
   c.train = ml_collections.ConfigDict()
-  c.train.total_steps = 1500          # optimizer steps
+  c.train.total_steps = 1200          # optimizer steps
   c.train.supervised_warmup_steps = 0 # steps with the supervised loss only (teacher copies student)
   c.train.log_every = 50              # steps between metric logs
-  c.train.eval_every = 500            # steps between val evaluations of the teacher (0: only at the end)
+  c.train.eval_every = 400            # steps between val evaluations of the teacher (0: only at the end)
   c.train.eval_student = True         # also evaluate the student during training
-  c.train.checkpoint_every = 500      # steps between checkpoints (also saved at every eval and the end)
+  c.train.checkpoint_every = 400      # steps between checkpoints (also saved at every eval and the end)
   c.train.keep_checkpoints = 2        # most recent checkpoints kept (plus the best by val mIoU)
   c.train.nonfinite = "stop"          # non-finite loss/grad: stop (last good checkpoint kept) | skip
   c.train.num_devices = 0             # devices in the data mesh (0: all)

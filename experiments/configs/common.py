@@ -56,9 +56,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.data.dataset == "embedded":
     c.data.embedded.num_train = 128
     c.data.embedded.num_val = 32
-    c.data.embedded.canvas = 32
-    c.data.embedded.digit_size = (14, 22)
-    c.data.crop_size = 32
+    c.data.embedded.canvas = 24
+    c.data.embedded.digit_size = (14, 20)
+    c.data.crop_size = 24
   if c.model.name == "deeplabv3plus_small":
     c.model.kwargs.widths = (8, 8, 16, 16)
     c.model.kwargs.stem_width = 8

@@ -32,7 +32,9 @@ def restore(workdir: str, step: Union[str, int] = "best", config=None):
   """`(run, state, step)` for a workdir's checkpoint ('best', 'latest' or a number)."""
   config = config or load_config(workdir)
   run = loop.Run(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  # Read-only: the workdir may belong to a run still training (whose save in progress a
+  # writable Checkpointer would delete as unfinished).
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   if step == "best":
     chosen = ckpt.best_step() or ckpt.latest_step()
   elif step == "latest":
@@ -42,7 +44,7 @@ def restore(workdir: str, step: Union[str, int] = "best", config=None):
   if chosen is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
   state, _, _ = ckpt.restore(chosen, run.init_state(), run.meta())
-  ckpt.close()
+  ckpt.manager.close()
   return run, state, chosen
 
 

@@ -1,0 +1,98 @@
+"""Regenerates the README results table: methods x splits x seeds on the embedded dataset.
+
+    python -m experiments.benchmarks.embedded_results --out=results/embedded.json \
+        [--methods=supervised,mean_teacher,dgcl,dssn] [--splits=1/16,1/8] [--seeds=0,1,2] \
+        [--workdir=runs/embedded_results] [--readme=README.md]
+
+Each run is an ordinary `experiments.train` run in its own workdir (so an interrupted grid
+resumes where it stopped; finished runs are read from their results.json). The seed changes
+the labeled subset (`split_seed`), the initialisation and the data order together. The table
+reports the teacher's final whole-image mIoU on the val set, mean +- sample std over seeds.
+"""
+
+import importlib
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments import cli
+
+flags.DEFINE_list("methods", ["supervised", "mean_teacher", "dgcl", "dssn"], "Config names.")
+flags.DEFINE_list("splits", ["1/16", "1/8"], "Labeled fractions.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, init and data order).")
+flags.DEFINE_string("workdir", "runs/embedded_results", "Parent of the run directories.")
+flags.DEFINE_string("out", "results/embedded.json", "Aggregated JSON.")
+flags.DEFINE_string("readme", "", "If set, replace the results table in this README.")
+flags.DEFINE_list("extra", [], "Extra full-label supervised reference runs: 'full'.")
+FLAGS = flags.FLAGS
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def run_one(method: str, split: str, seed: int, workdir: str) -> dict:
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  from semijax.train import loop  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"experiments.configs.{method}").get_config(
+      f"split={split},split_seed={seed},seed={seed}")
+  return loop.train_and_evaluate(config, workdir)
+
+
+def table(rows: list) -> str:
+  """Markdown table: one row per method, one column per split, mean +- std (n)."""
+  splits = sorted({r["split"] for r in rows}, key=lambda s: (s == "full", s))
+  methods = []
+  for r in rows:
+    if r["method"] not in methods:
+      methods.append(r["method"])
+  head = "| method | " + " | ".join(f"{s} labels" for s in splits) + " | train time / run |"
+  lines = [head, "|---" * (len(splits) + 2) + "|"]
+  for m in methods:
+    cells, minutes = [], []
+    for s in splits:
+      vals = [r["miou_teacher"] for r in rows if r["method"] == m and r["split"] == s]
+      minutes += [r["train_seconds"] / 60 for r in rows if r["method"] == m and r["split"] == s]
+      if not vals:
+        cells.append("—")
+      elif len(vals) == 1:
+        cells.append(f"{vals[0]:.1f} (n=1)")
+      else:
+        cells.append(f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f} (n={len(vals)})")
+    lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(minutes):.1f} min |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  cli.setup()
+  rows, t0 = [], time.time()
+  grid = [(m, s, int(seed)) for m in FLAGS.methods for s in FLAGS.splits for seed in FLAGS.seeds]
+  grid += [("supervised", s, int(seed)) for s in FLAGS.extra for seed in FLAGS.seeds]
+  for method, split, seed in grid:
+    workdir = os.path.join(FLAGS.workdir, f"{method}_{split.replace('/', '_')}_seed{seed}")
+    print(f"=== {method} {split} seed {seed} -> {workdir}", flush=True)
+    res = run_one(method, split, seed, workdir)
+    rows.append({k: res[k] for k in ("method", "split", "seed", "miou_teacher", "miou_student",
+                                     "train_seconds", "per_class_iou_teacher")})
+  md = table(rows)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump({"rows": rows, "table": md, "wall_seconds": time.time() - t0}, f, indent=1)
+  print(md)
+  if FLAGS.readme:
+    with open(FLAGS.readme) as f:
+      text = f.read()
+    if BEGIN in text and END in text:
+      head, rest = text.split(BEGIN, 1)
+      _, tail = rest.split(END, 1)
+      with open(FLAGS.readme, "w") as f:
+        f.write(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+  app.run(main)
