@@ -8,6 +8,10 @@
 writing anything. A refused run (bad config, data, workdir or checkpoint) prints one line
 naming the culprit and exits with status 1, leaving the workdir as it was. SIGTERM/SIGINT
 save a checkpoint at the next step boundary and exit with status 0.
+
+Several processes (hosts): run the same command on each, with --distributed on a Cloud TPU
+slice or under SLURM/Open MPI (detected), else --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (README, "Multi-device and multi-host").
 """
 
 import sys

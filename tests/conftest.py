@@ -21,6 +21,18 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """XLA's optimisation passes off for a module: pure compile cost in small numeric tests.
+
+  Use with `pytestmark = pytest.mark.usefixtures("fast_compiles")`.
+  """
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture(scope="session")
 def mesh8():
   """A 1-D `data` mesh over the 8 fake CPU devices (Auto axis, as our trainer uses)."""

@@ -620,6 +620,8 @@ def summarize(result: dict) -> dict:
                max_relative_residual=float(np.max(np.abs(pred - med) / med)),
                slope_min_s_per_image=float(slope_min), intercept_min_s=float(intercept_min),
                per_image_largest_over_smallest=float(per_image[-1] / per_image[0]))
+    # Proportional to the batch (per-image time within 15 %): then every estimate agrees.
+    fit["linear_in_batch"] = bool(abs(per_image[-1] / per_image[0] - 1.0) <= 0.15)
     target = float(slope * target_batch + intercept)
     target_min = float(slope_min * target_batch + intercept_min)
     fit["method"] = "linear fit t = intercept + slope * batch over the measured batches"
@@ -629,6 +631,8 @@ def summarize(result: dict) -> dict:
     fit["method"] = "proportional: per-image time x target batch"
   result["model_fit"] = fit
   result["model_extrapolated"] = target_batch not in measured
+  result["extrapolated"] = bool(result["model_extrapolated"]
+                                or result.get("dgcl_extrapolated", False))
   if not result["model_extrapolated"]:
     target = timings[f"model_b{target_batch}"]["median_s"]
     target_min = timings[f"model_b{target_batch}"]["min_s"]

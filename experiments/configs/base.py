@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "embedded"         # embedded | voc | cityscapes | folder
   c.data.root = ""                    # dataset folder for voc / cityscapes / folder
-  c.data.protocol = ""                # split family: voc classic|blended_cps|blended_u2pl, cityscapes cps
+  c.data.protocol = ""                # split family: voc classic|blended_cps|blended_u2pl, cityscapes cps|unimatch
   c.data.split = "1/16"               # labeled split: a fraction (1/16..1/2, full) or a list name (e.g. 732)
   c.data.split_seed = 0               # which random labeled subset (fraction splits only)
   c.data.val_fraction = 0.0           # custom folders without a val list: fraction held out for val
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.base_size = 0                # resize the long side to this before scaling (0: keep; CAC uses it)
   c.data.flip = False                 # random horizontal flip (off for digits: mirrored digits are other glyphs)
   c.data.labeled_batch = 16           # global labeled batch per step (all devices and processes)
-  c.data.unlabeled_batch = 16         # global unlabeled batch per step (ignored by supervised)
+  c.data.unlabeled_batch = 8          # global unlabeled batch per step (ignored by supervised; embedded: 8 to fit the CPU budget)
   c.data.num_workers = 0              # grain worker processes (0: in the main process)
   c.data.eval_batch = 64              # global eval batch
   c.data.eval_size = ()               # pad eval images to (H, W) so batches share one shape; () keeps sizes
@@ -71,15 +71,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.total_steps = 1200          # optimizer steps
-  c.train.supervised_warmup_steps = 0 # steps with the supervised loss only (teacher copies student)
+  c.train.supervised_warmup_steps = 300  # first steps supervised-only, at supervised cost (teacher copies student)
   c.train.log_every = 50              # steps between metric logs
   c.train.eval_every = 400            # steps between val evaluations of the teacher (0: only at the end)
   c.train.eval_student = True         # also evaluate the student during training
   c.train.checkpoint_every = 400      # steps between checkpoints (also saved at every eval and the end)
   c.train.keep_checkpoints = 2        # most recent checkpoints kept (plus the best by val mIoU)
   c.train.nonfinite = "stop"          # non-finite loss/grad: stop (last good checkpoint kept) | skip
-  c.train.num_devices = 0             # devices in the data mesh (0: all)
-  c.train.grad_accum_steps = 1        # micro-batches per optimizer step
+  c.train.num_devices = 0             # devices in the data mesh (0: all; a multi-process run uses all)
+  c.train.grad_accum_steps = 1        # micro-batches per optimizer step: the global batch is split, not multiplied
+  c.train.sync_bn = True              # BatchNorm statistics over the whole (micro-)batch (SyncBN, official recipes)
+  c.train.bn_groups = 0               # sync_bn=False: statistic groups per step = the recipe's GPUs (0: recipe.gpus, else devices x micro-batches)
 
   c.ema = ml_collections.ConfigDict()
   c.ema.decay = 0.99                  # teacher keep-rate
@@ -158,4 +160,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.recipe.gpus = 0                   # GPUs of the published run
   c.recipe.base_lr = 0.0              # published base learning rate
   c.recipe.source = ""                # where the recipe comes from (config file of the official code)
+  c.recipe.epochs = 0                 # published epochs (experiments/configs/recipes.py)
+  c.recipe.steps_per_epoch = 0        # iterations per epoch as the official loader counts them
   return c

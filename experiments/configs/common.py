@@ -1,13 +1,19 @@
 """Argument parsing and the `smoke` shrink shared by every config file.
 
 A config file's `get_config(arg)` receives the text after the colon in
-`--config=experiments/configs/<method>.py:<arg>`, e.g. `split=1/8,seed=1,smoke`.
+`--config=experiments/configs/<method>.py:<arg>`, e.g. `split=1/8,seed=1,smoke` or
+`dataset=voc,protocol=classic,split=732,root=/data/VOC2012`.
 """
 
 import ml_collections
 
+from experiments.configs import recipes
+
 # Arguments every config accepts, with their defaults.
-COMMON_ARGS = dict(split="1/16", split_seed=0, seed=0, smoke=False, dataset="embedded")
+COMMON_ARGS = dict(split="1/16", split_seed=0, seed=0, smoke=False, dataset="embedded",
+                   protocol="", root="")
+
+DATASETS = ("embedded",) + recipes.DATASETS
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -34,11 +40,38 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict):
-  """Sets split/seed from the arguments and applies the smoke shrink."""
-  c.data.split = args.split
+def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict, *,
+                 voc=None, cityscapes=None, official=None):
+  """Sets dataset, split and seeds from the arguments, then applies the smoke shrink.
+
+  Args:
+    c: the method's config.
+    args: `parse_arg`'s result.
+    voc, cityscapes: the method's `recipes.Recipe` on that dataset (None: the default one).
+    official: optional `fn(c)` applying the method's own official settings on voc/cityscapes,
+      after the dataset recipe (`c.recipe.steps_per_epoch` is set) and before `smoke`.
+
+  Raises:
+    ValueError: an unknown dataset, protocol or split (the valid ones are listed), or
+      `protocol`/`root` given for the embedded data.
+  """
   c.data.split_seed = args.split_seed
   c.seed = args.seed
+  if args.dataset == "embedded":
+    if args.protocol or args.root:
+      raise ValueError("protocol= and root= apply to dataset=voc|cityscapes; the embedded data "
+                       "takes split=1/16|1/8|1/4|1/2|full")
+    c.data.split = args.split
+  elif args.dataset == "voc":
+    recipes.voc(c, args.protocol, args.split, recipe=voc)
+  elif args.dataset == "cityscapes":
+    recipes.cityscapes(c, args.split, protocol=args.protocol, recipe=cityscapes)
+  else:
+    raise ValueError(f"dataset={args.dataset!r}; valid: {', '.join(DATASETS)}")
+  if args.dataset != "embedded":
+    c.data.root = args.root
+    if official is not None:
+      official(c)
   if args.smoke:
     smoke(c)
   return c
@@ -59,6 +92,12 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.embedded.canvas = 24
     c.data.embedded.digit_size = (14, 20)
     c.data.crop_size = 24
+  else:
+    # The recipes' epoch-long schedules would outlast the 4 steps.
+    c.train.supervised_warmup_steps = min(c.train.supervised_warmup_steps, 1)
+    c.ema.copy_steps = min(c.ema.copy_steps, 1)
+    c.dssn.w2s_start_step = min(c.dssn.w2s_start_step, 1)
+    c.dgcl.steps_per_epoch = min(c.dgcl.steps_per_epoch, 1)
   if c.model.name == "deeplabv3plus_small":
     c.model.kwargs.widths = (8, 8, 16, 16)
     c.model.kwargs.stem_width = 8

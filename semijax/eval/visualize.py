@@ -6,15 +6,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from semijax.data import pipeline
-
-
-def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-  """`[H, W]` class ids -> `[H, W, 3]` uint8; ignore is white."""
-  lut = np.full((256, 3), 255, np.uint8)
-  lut[:len(palette)] = palette
-  lut[ignore_index] = 255
-  return lut[labels.astype(np.int64).clip(0, 255)]
+from semijax.data import image_io, pipeline
 
 
 def prediction_grid(images: np.ndarray, labels: np.ndarray, predictions: Dict[str, np.ndarray],
@@ -22,8 +14,8 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, predictions: Dict[st
   """Rows of [image, ground truth, prediction per model], `[R*H, (2+M)*W, 3]` uint8."""
   rows = []
   for i in range(len(images)):
-    tiles = [images[i], colorize(labels[i], palette)]
-    tiles += [colorize(p[i], palette) for p in predictions.values()]
+    tiles = [images[i], image_io.colorize(labels[i], palette)]
+    tiles += [image_io.colorize(p[i], palette) for p in predictions.values()]
     sep = np.full((images.shape[1], 2, 3), 255, np.uint8)
     rows.append(np.concatenate([np.concatenate([t, sep], 1) for t in tiles], 1))
   grid = np.concatenate(rows, 0)

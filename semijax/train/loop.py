@@ -57,9 +57,18 @@ USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointMismatchError,
                checkpoint.CheckpointSaveError, NonFiniteLossError)
 
 
-def build_model(config, num_classes: int, method):
-  """The segmenter named by `config.model`, with the method's heads attached."""
+def build_model(config, num_classes: int, method, *, bn_batch_groups: int = 1):
+  """The segmenter named by `config.model`, with the method's heads attached.
+
+  `bn_batch_groups` > 1 gives every BatchNorm per-group statistics (`train.sync_bn=False`,
+  see `parallel.bn_groups_per_forward`).
+  """
   kwargs = dict(config.model.kwargs.to_dict()) if config.model.get("kwargs") else {}
+  if "bn_batch_groups" in kwargs or "bn_axis_name" in kwargs:
+    raise ValueError("config.model.kwargs sets a BatchNorm synchronisation field; use "
+                     "train.sync_bn and train.bn_groups instead")
+  if bn_batch_groups > 1:
+    kwargs["bn_batch_groups"] = bn_batch_groups
   return model_registry.build_model(config.model.name, num_classes=num_classes,
                                     dtype=config.model.dtype, heads=method.heads(num_classes),
                                     **kwargs)
@@ -83,7 +92,7 @@ _CHOICES = {
 _AT_LEAST = {
     "train.total_steps": 1, "train.log_every": 1, "train.eval_every": 0,
     "train.checkpoint_every": 0, "train.keep_checkpoints": 1, "train.num_devices": 0,
-    "train.grad_accum_steps": 1, "train.supervised_warmup_steps": 0,
+    "train.grad_accum_steps": 1, "train.bn_groups": 0, "train.supervised_warmup_steps": 0,
     "data.labeled_batch": 1, "data.unlabeled_batch": 0, "data.eval_batch": 1,
     "data.crop_size": 1, "data.num_workers": 0,
 }
@@ -168,13 +177,35 @@ def check_config(config, reference=None) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag checked at step boundaries; a second signal aborts."""
+  """Turns SIGTERM/SIGINT into a flag checked at step boundaries; a second signal aborts.
+
+  With several processes every process must stop at the same step (else the others wait
+  in the next step's collectives forever), so the flag is not set by a local signal but
+  by JAX's preemption service (`jax.distributed`: a SIGTERM to any process is propagated
+  and all agree on a step, `reached_preemption_sync_point`), polled with `poll(step)`;
+  SIGINT keeps its default (the run aborts; resume from the last checkpoint).
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = {}
+    self._multiprocess = jax.process_count() > 1
+
+  def poll(self, step: int) -> bool:
+    """Whether to stop after `step` (called by every process at every step boundary)."""
+    if self._multiprocess and not self.requested:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:   # preemption service disabled (jax_enable_preemption_service)
+        pass
+      if self.requested and jax.process_index() == 0:
+        print(f"[semijax] preemption notice: saving a checkpoint at step {step}", flush=True)
+    return self.requested
 
   def __enter__(self):
+    if self._multiprocess:
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -258,7 +289,14 @@ class Run:
       self.data = datasets.build(config.data)
       self.info = self.data.info
       self.method = methods.get(config.method.name)(config)
-      self.model = build_model(config, self.info.num_classes, self.method)
+      self.grad_accum_steps = int(config.train.get("grad_accum_steps", 1) or 1)
+      self.bn_groups = parallel.bn_groups_per_forward(
+          sync_bn=bool(config.train.get("sync_bn", True)),
+          bn_groups=int(config.train.get("bn_groups", 0) or 0),
+          recipe_gpus=int(config.get("recipe", {}).get("gpus", 0) or 0),
+          num_devices=self.mesh.devices.size, grad_accum_steps=self.grad_accum_steps)
+      self.model = build_model(config, self.info.num_classes, self.method,
+                               bn_batch_groups=self.bn_groups)
     self.tx = make_optimizer(config, self.model)
     self.logits_fn = functools.partial(_logits, self.model)
     self.predict = jax.jit(self.logits_fn)   # `(variables, images) -> logits`, for figures
@@ -301,16 +339,26 @@ class Run:
             "state_fingerprint": checkpoint.state_fingerprint(shapes)}
 
   def check_batches(self) -> None:
-    """Global batch sizes must split evenly over the mesh's devices."""
+    """Global batches must split evenly over micro-batches, devices and BatchNorm groups."""
     config = self.config
-    for what, b in (("data.labeled_batch", config.data.labeled_batch),
-                    ("data.unlabeled_batch", config.data.unlabeled_batch),
-                    ("data.eval_batch", config.data.eval_batch)):
+    train = dict(grad_accum_steps=self.grad_accum_steps, bn_groups=self.bn_groups)
+    for what, b, kw in (("data.labeled_batch", config.data.labeled_batch, train),
+                        ("data.unlabeled_batch", config.data.unlabeled_batch
+                         if self.method.uses_unlabeled else 0, train),
+                        ("data.eval_batch", config.data.eval_batch, {})):
       if b:
         try:
-          parallel.check_batch_divisible(b, self.mesh, what)
+          parallel.check_batch_divisible(b, self.mesh, what, **kw)
         except ValueError as e:
           raise ConfigError(str(e)) from e
+
+  def describe(self) -> str:
+    """The data-parallel layout in one line (printed at the start of a run)."""
+    config = self.config
+    return parallel.describe(
+        self.mesh, config.data.labeled_batch,
+        config.data.unlabeled_batch if self.method.uses_unlabeled else 0,
+        grad_accum_steps=self.grad_accum_steps, bn_groups=self.bn_groups)
 
   def check_data(self, *, full: bool = False) -> Dict[str, int]:
     """Reads the data up front (`validation.check_data`); raises `DataError` naming a file."""
@@ -337,23 +385,43 @@ def _logits(model, variables, images):
 
 
 def _recipe_warnings(config, mesh) -> list:
-  """Differences between this run's data-parallel layout and the recipe it reproduces."""
+  """Differences between this run's data-parallel layout and the recipe it reproduces.
+
+  The global batch per optimizer step is `data.labeled_batch` whatever the number of
+  devices, processes or micro-batches (`train.grad_accum_steps` splits it, it does not
+  multiply it), so the device count alone never changes the result with SyncBN; what does
+  is a different global batch or learning rate, and where BatchNorm statistics are taken.
+  """
   recipe = config.get("recipe")
   if not recipe or not recipe.get("global_batch"):
     return []
   out = []
-  ours = config.data.labeled_batch * config.train.grad_accum_steps
+  ours = config.data.labeled_batch
+  accum = int(config.train.get("grad_accum_steps", 1) or 1)
+  gpus = recipe.get("gpus") or 0
+  per_gpu = f" ({gpus} GPUs x {recipe.global_batch // gpus})" if gpus else ""
   if ours != recipe.global_batch:
     scaled = recipe.base_lr * ours / recipe.global_batch
     out.append(
-        f"global labeled batch {ours} differs from the recipe's {recipe.global_batch} "
-        f"({recipe.gpus} GPUs x {recipe.global_batch // max(recipe.gpus, 1)}). Published "
-        f"numbers assume the recipe's batch: keep data.labeled_batch={recipe.global_batch} "
-        f"(use train.grad_accum_steps to fit memory) or scale the LR linearly to "
-        f"optim.base_lr={scaled:g}.")
-  if config.optim.base_lr != recipe.base_lr and ours == recipe.global_batch:
+        f"global labeled batch {ours} differs from the recipe's {recipe.global_batch}"
+        f"{per_gpu}. Published numbers assume the recipe's batch: keep "
+        f"data.labeled_batch={recipe.global_batch} (with train.grad_accum_steps to fit "
+        f"memory) or scale the LR linearly to optim.base_lr={scaled:g}.")
+  elif config.optim.base_lr != recipe.base_lr:
     out.append(f"optim.base_lr={config.optim.base_lr:g} differs from the recipe's "
                f"{recipe.base_lr:g} at the same global batch")
+  sync = bool(config.train.get("sync_bn", True))
+  if sync and accum > 1:
+    out.append(
+        f"with train.grad_accum_steps={accum} BatchNorm statistics are taken over micro-batches "
+        f"of {ours // accum} labeled images, not over the global batch of {ours} as the "
+        "recipe's SyncBN; the closer the micro-batch to the global batch the closer the run")
+  if not sync:
+    groups = int(config.train.get("bn_groups", 0) or 0) or gpus or (mesh.devices.size * accum)
+    if gpus and groups != gpus:
+      out.append(f"train.bn_groups={groups} BatchNorm groups per step differ from the recipe's "
+                 f"{gpus} GPUs (unsynchronised BN: {ours // groups} vs "
+                 f"{recipe.global_batch // gpus} images per statistic)")
   return out
 
 
@@ -460,6 +528,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
     if preempt.requested:
       print("[semijax] stopped (signal) before writing anything", flush=True)
       return {"stopped_at": resume or 0}
+    # Every process has inspected the workdir (e.g. an existing checkpoint) before any
+    # creates something there: else they could disagree on what they found.
+    parallel.sync_processes("semijax:workdir_checked")
     checkpoint.prepare_workdir(workdir)   # the first write
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     opened = []   # the metric writer, once created
@@ -481,13 +552,17 @@ def _train(run: Run, workdir: str, ckpt, preempt, checked, t_start, opened, *, p
            max_steps):
   config, cfg_t = run.config, run.config.train
   main = parallel.is_main_process()
-  summary = [parallel.describe(run.mesh, config.data.labeled_batch,
-                               config.data.unlabeled_batch if run.method.uses_unlabeled else 0),
+  summary = [run.describe(),
              f"method {config.method.name}; model {config.model.name} ({config.model.dtype}); "
              f"{run.data.description} (checked: "
              f"{', '.join(f'{v} {k}' for k, v in checked.items())})",
              f"optimizer {config.optim.name} base lr {config.optim.base_lr:g} "
              f"(head x{config.optim.head_lr_mult:g}), {cfg_t.total_steps} steps"]
+  recipe = config.get("recipe")
+  if recipe and recipe.get("global_batch"):
+    summary.append(f"recipe: global batch {recipe.global_batch} on {recipe.gpus or '?'} GPUs, "
+                   f"base lr {recipe.base_lr:g}" + (f" ({recipe.source})" if recipe.source
+                                                    else ""))
   if main:
     for line in summary:
       print(f"[semijax] {line}", flush=True)
@@ -526,10 +601,13 @@ def _train(run: Run, workdir: str, ckpt, preempt, checked, t_start, opened, *, p
   it = pipeline.iterate(ds, num_workers=config.data.num_workers)
   it.set_state(data_state if data_state else {"next_index": start})
 
-  step_fn = step_lib.make_train_step(run.model, run.method, config)
-  p_step = jax.jit(step_fn, in_shardings=(parallel.replicated(run.mesh),
-                                          parallel.data_sharded(run.mesh)),
-                   out_shardings=parallel.replicated(run.mesh), donate_argnums=0)
+  jit_step = functools.partial(jax.jit, in_shardings=(parallel.replicated(run.mesh),
+                                                      parallel.data_sharded(run.mesh)),
+                               out_shardings=parallel.replicated(run.mesh), donate_argnums=0)
+  p_step = jit_step(step_lib.make_train_step(run.model, run.method, config))
+  warmup_steps = cfg_t.supervised_warmup_steps if run.method.uses_unlabeled else 0
+  if warmup_steps > start:   # compiled only when some warm-up steps remain
+    p_warmup = jit_step(step_lib.make_train_step(run.model, run.method, config, warmup=True))
 
   skipped_seen = int(jax.device_get(state.skipped_steps))
   history = {"val_miou": None, "best_val_miou": None}
@@ -566,7 +644,8 @@ def _train(run: Run, workdir: str, ckpt, preempt, checked, t_start, opened, *, p
       ckpt.wait()
       raise DataError(f"{e} (training stopped before step {step + 1}; the last checkpoint, "
                       f"step {ckpt.latest_step()}, is intact)") from e
-    state, metrics = p_step(state, parallel.put_batch(host_batch, run.mesh))
+    state, metrics = (p_warmup if step < warmup_steps else p_step)(
+        state, parallel.put_batch(host_batch, run.mesh))
     if acc is not None and set(acc) != set(metrics):
       acc, acc_n = None, 0   # sums saved by a version with other metrics: a new window
     acc = _merge(acc, metrics)
@@ -615,7 +694,7 @@ def _train(run: Run, workdir: str, ckpt, preempt, checked, t_start, opened, *, p
       if bar is not None:
         bar.set_postfix(_postfix(last_means, history), refresh=True)
 
-    stop = preempt.requested or (max_steps is not None and done - start >= max_steps)
+    stop = preempt.poll(done) or (max_steps is not None and done - start >= max_steps)
     if (cfg_t.checkpoint_every and done % cfg_t.checkpoint_every == 0) or last or stop or \
         eval_now:
       if cfg_t.nonfinite == "stop" and int(jax.device_get(state.skipped_steps)) > skipped_seen:
@@ -665,9 +744,13 @@ def final_report(run: Run, state, writer, workdir: str, *, train_seconds: float,
   }
   if parallel.is_main_process():
     figure = os.path.join(workdir, "predictions.png")
-    visualize.save_prediction_figure(
-        figure, run, {"teacher": (state.ema_params, state.ema_batch_stats),
-                      "student": (state.params, state.batch_stats)})
+    models = {"teacher": (state.ema_params, state.ema_batch_stats),
+              "student": (state.params, state.batch_stats)}
+    if jax.process_count() > 1:
+      # Only this process draws the figure: on host copies of the (replicated) variables, a
+      # computation of its own devices; the global arrays would need every process.
+      models = jax.tree.map(np.asarray, models)
+    visualize.save_prediction_figure(figure, run, models)
     results["figure"] = os.path.abspath(figure)
     writer.scalars(config.train.total_steps, {"miou_teacher": results["miou_teacher"],
                                               "miou_student": results["miou_student"]},
@@ -698,6 +781,7 @@ def check(config, workdir: str, *, reference=None) -> Dict[str, Any]:
     print(f"[semijax] {name}: {n} records read", flush=True)
   n = run.meta()["num_params"]
   print(f"[semijax] model {config.model.name}: {n:,} parameters", flush=True)
+  print(f"[semijax] {run.describe()}", flush=True)
   for w in _recipe_warnings(config, run.mesh):
     print(f"[semijax] WARNING: {w}", flush=True)
   print(f"[semijax] check passed ({'resumes at step %d' % resume if resume else 'fresh run'})",

@@ -11,13 +11,7 @@ from semijax.banks import fifo
 SPEC = {"x": ((2,), jnp.float32), "t": ((), jnp.int32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # These tests are compile-bound on CPU; XLA's optimisation passes only cost time here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # Jitted once per shape: eager dispatch compiles every primitive separately (slow on CPU).
 _write = jax.jit(fifo.write)

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from semijax.banks import fifo
 from semijax.losses import contrastive
 from semijax.sampling import dgcl
+from tests.references import np_density
 
 C, K, D, DV = 4, 16, 6, 5
 # 8 x 4 x 4 = 128 pixels: every class has fewer than 100 and there are fewer than 128
@@ -20,13 +21,7 @@ KW = dict(num_anchors=5, num_batch_keys=3, num_bank_keys=4, num_negatives=128,
           max_pixels_per_class=100, ks=(2, 4, 8), chunk_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # These tests are compile-bound on CPU; XLA's optimisation passes only cost time here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _unit(x):
@@ -146,12 +141,6 @@ _vg = jax.jit(jax.value_and_grad(contrastive.dgcl_contrastive_loss, has_aux=True
               static_argnames=tuple(KW) + ("wait_for_full_bank",))
 
 
-def np_density(queries, bank, ks):
-  q, b = _unit(queries.astype(np.float64)), _unit(bank.astype(np.float64))
-  sims = -np.sort(-(q @ b.T), axis=1)
-  return np.mean([sims[:, :k].mean(1) for k in ks], axis=0)
-
-
 def np_composed_loss(proj, feats, labels, bank, *, ks, num_anchors, num_batch_keys,
                      num_bank_keys, exclude=(0,), tau=0.5):
   """Eqs. 7-13 with boolean indexing, for a full bank, all candidates and all negatives."""
@@ -163,7 +152,7 @@ def np_composed_loss(proj, feats, labels, bank, *, ks, num_anchors, num_batch_ke
     rows = np.nonzero(labels == c)[0]
     if c in exclude or len(rows) == 0:
       continue
-    d = np_density(feats[rows], bank_f[c], ks) if len(rows) > max(ks) else np.ones(len(rows))
+    d = np_density(feats[rows], bank_f[c], None, ks) if len(rows) > max(ks) else np.ones(len(rows))
     order = np.argsort(d, kind="stable")
     anchors = rows[order[:num_anchors]]  # eq. 9
     keys_b = proj[rows[order[::-1][:num_batch_keys]]]  # eq. 10

@@ -74,3 +74,24 @@ def test_dssn_skips_image_level_terms_at_the_first_step():
   _, _, history = _run_steps("dssn", steps=2)
   assert history[0]["loss_w2s_image"] == 0.0
   assert history[0]["ema_keep_rate"] == 0.0
+
+
+def test_warmup_step_is_supervised_only_and_teacher_copies_student():
+  config = importlib.import_module("experiments.configs.dgcl").get_config("smoke")
+  config.train.num_devices = 1
+  config.train.supervised_warmup_steps = 5
+  run = loop.Run(config, "/tmp/unused")
+  state = run.init_state()
+  bank_before = jax.device_get(state.method_state)
+  warm = jax.jit(step_lib.make_train_step(run.model, run.method, config, warmup=True))
+  batch = step_time.synthetic_batch(config, run.info.num_classes, True, seed=0)
+  state, metrics = warm(state, parallel.put_batch(batch, run.mesh))
+  assert set(metrics) >= {"loss", "loss_sup"} and "loss_unsup" not in metrics
+  assert metrics["ema_keep_rate"] == 0.0 and int(state.step) == 1
+  # Teacher = student, parameters and BatchNorm statistics; the banks are untouched.
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                  jax.tree.leaves((state.ema_params, state.ema_batch_stats))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(bank_before), jax.tree.leaves(jax.device_get(state.method_state))):
+    np.testing.assert_array_equal(a, b)
+  assert metrics["loss"] == metrics["loss_sup"]

@@ -8,13 +8,7 @@ import pytest
 from semijax.pseudo import entropy as entropy_lib
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # These tests are compile-bound on CPU; XLA's optimisation passes only cost time here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _probs(rng, shape, c=5):

@@ -9,29 +9,10 @@ import pytest
 
 from semijax.banks import fifo
 from semijax.sampling import density
+from tests.references import np_density
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # These tests are compile-bound on CPU; XLA's optimisation passes only cost time here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
-def np_density(queries, bank, bank_valid, ks):
-  """Eqs. 7-8 by brute force; min(k, n_valid) neighbours, 0 with an empty bank."""
-  q = queries / np.linalg.norm(queries, axis=-1, keepdims=True)
-  b = bank[bank_valid]
-  b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-  sims = -np.sort(-(q.astype(np.float64) @ b.T.astype(np.float64)), axis=1)
-  out = np.zeros(len(q))
-  for k in ks:
-    kk = min(k, len(b))
-    if kk:
-      out += sims[:, :kk].mean(1)
-  return out / len(ks)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 _knn = jax.jit(density.knn_density,

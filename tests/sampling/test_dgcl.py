@@ -10,32 +10,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from semijax.banks import fifo
 from semijax.sampling import dgcl
+from tests.references import np_density
 
 C, K, DV, DP = 4, 16, 5, 3
 KS = (2, 4, 8)
 A, PB, PM, NN = 5, 3, 4, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # These tests are compile-bound on CPU; XLA's optimisation passes only cost time here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
-def np_density(queries, bank, bank_valid, ks):
-  """Eqs. 7-8 by brute force (as in test_density.py)."""
-  q = queries / np.linalg.norm(queries, axis=-1, keepdims=True)
-  b = bank[bank_valid]
-  b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-  sims = -np.sort(-(q.astype(np.float64) @ b.T.astype(np.float64)), axis=1)
-  out = np.zeros(len(q))
-  for k in ks:
-    if min(k, len(b)):
-      out += sims[:, :min(k, len(b))].mean(1)
-  return out / len(ks)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def make_bank(rng, fill):

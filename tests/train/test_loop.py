@@ -9,6 +9,7 @@ import pytest
 
 from experiments.configs import mean_teacher, supervised
 from semijax import checkpoint
+from semijax.data import image_io
 from semijax.train import evaluation, loop
 
 
@@ -20,12 +21,15 @@ def _params(workdir):
 @pytest.mark.slow
 def test_smoke_train_then_resume_continues_identically(tmp_path):
   config = mean_teacher.get_config("smoke")
+  config.train.supervised_warmup_steps = 2   # steps 1-2 supervised-only, resumed at the switch
   full = str(tmp_path / "full")
   res = loop.train_and_evaluate(config, full, progress=False)
   assert res["steps"] == 4 and 0 <= res["miou_teacher"] <= 100
   assert os.path.exists(res["figure"]) and os.path.isdir(res["tensorboard"])
   lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
-  assert any("train/loss_unsup" in l for l in lines)
+  train = {l["step"]: l for l in lines if "train/loss" in l}
+  assert "train/loss_unsup" not in train[2] and train[2]["train/ema_keep_rate"] == 0.0
+  assert "train/loss_unsup" in train[4]
   assert any("val_teacher/miou" in l for l in lines)
 
   split = str(tmp_path / "split")
@@ -38,6 +42,23 @@ def test_smoke_train_then_resume_continues_identically(tmp_path):
   assert step_a == step_b == 4
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  # `experiments.evaluate` on the workdir reproduces the run's final teacher/student mIoU.
+  scores = evaluation.evaluate_workdir(full, step="latest", verbose=False)
+  np.testing.assert_allclose(scores["teacher"]["miou"], res["miou_teacher"], rtol=1e-6)
+  np.testing.assert_allclose(scores["student"]["miou"], res["miou_student"], rtol=1e-6)
+
+  # `experiments.predict` writes a label PNG and an overlay per image, whole or sliding.
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  image_io.write_image(str(images / "small.png"), rng.integers(0, 255, (20, 30, 3), np.uint8))
+  image_io.write_image(str(images / "large.jpg"), rng.integers(0, 255, (70, 90, 3), np.uint8))
+  out = evaluation.predict_folder(full, str(images), str(tmp_path / "preds"), step="latest")
+  assert out["images"] == 2 and "sliding_window" in out["mode"] and "whole" in out["mode"]
+  label = image_io.read_label(str(tmp_path / "preds" / "large.png"))
+  assert label.shape == (70, 90) and label.max() < 11
+  assert (tmp_path / "preds" / "small_overlay.jpg").exists()
 
 
 def test_checkpoint_of_another_method_is_refused(tmp_path):
