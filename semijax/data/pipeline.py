@@ -48,7 +48,10 @@ def semi_dataset(labeled, unlabeled, *, labeled_batch: int, unlabeled_batch: int
     parts["unlabeled"] = train_dataset(unlabeled, global_batch=unlabeled_batch,
                                        seed=seed + 7919, **kwargs)
   names = tuple(parts)
-  zipped = grain.experimental.ZipMapDataset([parts[n] for n in names])
+  # Both streams repeat forever, but batching divides grain's "infinite" length by each batch
+  # size, and zipping needs equal lengths.
+  length = min(len(p) for p in parts.values())
+  zipped = grain.experimental.ZipMapDataset([parts[n][:length] for n in names])
   return zipped.map(_Name(names))
 
 

@@ -41,6 +41,15 @@ def test_iterator_state_resumes_exactly(source):
                                                                   got["unlabeled"])
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_labeled_and_unlabeled_batches_may_differ(source, processes):
+  ds = pipeline.semi_dataset(source, source, labeled_batch=8, unlabeled_batch=4, seed=1,
+                             augment=AUG, process_count=processes)
+  step = ds[20]   # past an epoch of both streams
+  assert step["labeled"]["image"].shape[0] == 8 // processes
+  assert step["unlabeled"]["image"].shape[0] == 4 // processes
+
+
 @pytest.mark.parametrize("processes", [2, 4])
 def test_process_shards_concatenate_to_the_single_process_batch(source, processes):
   single = pipeline.train_dataset(source, global_batch=8, seed=2, augment=AUG)
