@@ -10,6 +10,7 @@ them before any computation (`semijax.parallel.initialize_distributed`):
         --process_id=0
 """
 
+import json
 import os
 
 import jax
@@ -55,3 +56,13 @@ def setup() -> None:
   if f.jax_cache_dir:
     jax.config.update("jax_compilation_cache_dir", f.jax_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def report_json(result: dict, out: str = "") -> None:
+  """Prints a benchmark's JSON result and, if `out` is set, writes it there (folders created)."""
+  text = json.dumps(result, indent=1)
+  print(text)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(text + "\n")

@@ -21,7 +21,6 @@ Presets:
 """
 
 import importlib
-import json
 import os
 import shutil
 import tempfile
@@ -150,12 +149,7 @@ def main(argv):
                              if hasattr(x, "nbytes"))),
       "reps": FLAGS.reps, "filesystem": filesystem,
       "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(), **timings}
-  text = json.dumps(result, indent=1)
-  print(text)
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  cli.report_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -118,9 +118,7 @@ def main(argv):
   }
   print(json.dumps(summary, indent=1))
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
+    cli.report_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

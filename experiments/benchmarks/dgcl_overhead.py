@@ -680,12 +680,7 @@ def main(argv):
       result = summarize(json.load(f))
   else:
     result = run(s)
-  text = json.dumps(result, indent=1)
-  print(text)
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  cli.report_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

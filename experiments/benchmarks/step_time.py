@@ -11,7 +11,6 @@ The batch is synthetic (random images and labels of the configured shapes): the 
 pipeline is not part of the step.
 """
 
-import json
 import os
 import time
 
@@ -140,11 +139,7 @@ def main(argv):
       "fraction_of_conv_peak": achieved / peak["conv_gflops"],
       "jax": jax.__version__, "cpu_count": os.cpu_count(),
   }
-  print(json.dumps(result, indent=1))
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
+  cli.report_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":
