@@ -78,8 +78,8 @@ def synthetic_batch(config, num_classes: int, uses_unlabeled: bool, seed: int = 
   return batch
 
 
-def benchmark_step(config, steps: int) -> dict:
-  """Compile and steady-state time of the config's train step on a synthetic batch."""
+def compile_step(config):
+  """The config's compiled train step, a fresh state and a synthetic batch, plus its facts."""
   from semijax import parallel  # pylint: disable=g-import-not-at-top
   from semijax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
   run = loop.Run(config, "/tmp/semijax-benchmark")
@@ -92,19 +92,32 @@ def benchmark_step(config, steps: int) -> dict:
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  state, metrics = compiled(state, batch)
+  info = {"compile_seconds": compile_s,
+          "step_flops": float(cost.get("flops", 0.0)) if cost else 0.0,
+          "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+          "devices": run.mesh.devices.size, "platform": jax.devices()[0].platform}
+  state, metrics = compiled(state, batch)   # warm-up step
   jax.block_until_ready(metrics)
+  return compiled, state, batch, info
+
+
+def time_steps(compiled, state, batch, steps: int):
+  """Runs `steps` steps; returns (the new state, the list of per-step seconds)."""
   times = []
   for _ in range(steps):
     t = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
-  return {"compile_seconds": compile_s, "step_seconds_median": float(np.median(times)),
-          "step_seconds_min": float(np.min(times)), "step_flops": flops,
-          "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-          "devices": run.mesh.devices.size, "platform": jax.devices()[0].platform}
+  return state, times
+
+
+def benchmark_step(config, steps: int) -> dict:
+  """Compile and steady-state time of the config's train step on a synthetic batch."""
+  compiled, state, batch, info = compile_step(config)
+  _, times = time_steps(compiled, state, batch, steps)
+  return {**info, "step_seconds_median": float(np.median(times)),
+          "step_seconds_min": float(np.min(times))}
 
 
 def main(argv):
