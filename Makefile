@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Regenerates the README results table (3 seeds x splits x methods; about an hour on 2 cores).
 results: $(STAMP)

@@ -87,6 +87,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.unlabeled_batch = 8
   c.data.eval_batch = 16
   if c.data.dataset == "embedded":
+    c.train.supervised_warmup_steps = 0
     c.data.embedded.num_train = 128
     c.data.embedded.num_val = 32
     c.data.embedded.canvas = 24
