@@ -22,9 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# Regenerates the README results table (3 seeds x splits x methods; about an hour on 2 cores).
+# Regenerates the README results and ablation tables (24 + 7 training runs; finished runs under
+# runs/ are read back, so an interrupted `make results` continues). About 4 hours on 2 cores.
 results: $(STAMP)
-	$(PY) -m experiments.benchmarks.embedded_results --out=results/embedded.json
+	$(PY) -m experiments.benchmarks.embedded_results --out=results/embedded.json --readme=README.md
+	$(PY) -m experiments.benchmarks.ablations --out=results/ablations.json --readme=README.md
 
 clean-venv:
 	rm -rf $(VENV)

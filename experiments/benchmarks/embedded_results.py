@@ -24,15 +24,14 @@ flags.DEFINE_list("methods", ["supervised", "mean_teacher", "dgcl", "dssn"], "Co
 flags.DEFINE_list("splits", ["1/16", "1/8"], "Labeled fractions.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, init and data order).")
 flags.DEFINE_string("workdir", "runs/embedded_results", "Parent of the run directories.")
-flags.DEFINE_string("out", "results/embedded.json", "Aggregated JSON.")
+flags.DEFINE_string("out", None, "Aggregated JSON (default results/embedded.json).")
 flags.DEFINE_string("readme", "", "If set, replace the results table in this README.")
 flags.DEFINE_list("extra", [], "Extra full-label supervised reference runs: 'full'.")
 FLAGS = flags.FLAGS
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def run_one(method: str, split: str, seed: int, workdir: str) -> dict:
+def run_one(method: str, split: str, seed: int, workdir: str, overrides: dict = None) -> dict:
+  """Trains `experiments/configs/<method>.py` (plus dotted-path `overrides`) into `workdir`, or
+  reads the results of a run that already finished there."""
   path = os.path.join(workdir, "results.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -40,6 +39,8 @@ def run_one(method: str, split: str, seed: int, workdir: str) -> dict:
   from semijax.train import loop  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"experiments.configs.{method}").get_config(
       f"split={split},split_seed={seed},seed={seed}")
+  if overrides:
+    config.update_from_flattened_dict(overrides)
   return loop.train_and_evaluate(config, workdir)
 
 
@@ -67,6 +68,39 @@ def table(rows: list) -> str:
   return "\n".join(lines)
 
 
+def paired_table(rows: list, reference: str) -> str:
+  """Per-seed differences to `reference` (same seed = same labeled subset and data order), which
+  cancel most of the split-to-split variance: mean +- sample std (n) of the paired differences."""
+  splits = sorted({r["split"] for r in rows}, key=lambda s: (s == "full", s))
+  by_key = {(r["method"], r["split"], r["seed"]): r["miou_teacher"] for r in rows}
+  lines = [f"| paired difference | " + " | ".join(f"{s} labels" for s in splits) + " |",
+           "|---" * (len(splits) + 1) + "|"]
+  for m in dict.fromkeys(r["method"] for r in rows):
+    if m == reference:
+      continue
+    cells = []
+    for s in splits:
+      d = [v - by_key[(reference, s, seed)] for (mm, ss, seed), v in by_key.items()
+           if mm == m and ss == s and (reference, s, seed) in by_key]
+      cells.append("—" if not d else f"{np.mean(d):+.1f}" + (
+          f" ± {np.std(d, ddof=1):.1f} (n={len(d)})" if len(d) > 1 else " (n=1)"))
+    lines.append(f"| {m} − {reference} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def replace_block(readme: str, name: str, text: str) -> None:
+  """Replaces what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `readme`."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  with open(readme) as f:
+    content = f.read()
+  if begin not in content or end not in content:
+    raise ValueError(f"{readme}: no {begin} ... {end} block to replace")
+  head, rest = content.split(begin, 1)
+  _, tail = rest.split(end, 1)
+  with open(readme, "w") as f:
+    f.write(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
 def main(argv):
   del argv
   cli.setup()
@@ -80,18 +114,17 @@ def main(argv):
     rows.append({k: res[k] for k in ("method", "split", "seed", "miou_teacher", "miou_student",
                                      "train_seconds", "per_class_iou_teacher")})
   md = table(rows)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
+  # Each method against each baseline present; the baselines' own comparison listed once.
+  baselines = [m for m in ("supervised", "mean_teacher") if any(r["method"] == m for r in rows)]
+  for i, reference in enumerate(baselines):
+    md += "\n\n" + paired_table([r for r in rows if r["method"] not in baselines[:i]], reference)
+  out = FLAGS.out or "results/embedded.json"
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
     json.dump({"rows": rows, "table": md, "wall_seconds": time.time() - t0}, f, indent=1)
   print(md)
   if FLAGS.readme:
-    with open(FLAGS.readme) as f:
-      text = f.read()
-    if BEGIN in text and END in text:
-      head, rest = text.split(BEGIN, 1)
-      _, tail = rest.split(END, 1)
-      with open(FLAGS.readme, "w") as f:
-        f.write(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+    replace_block(FLAGS.readme, "results", md)
 
 
 if __name__ == "__main__":

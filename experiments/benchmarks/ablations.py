@@ -1,0 +1,109 @@
+"""Single-seed ablations on the embedded data: why DGCL trails mean teacher, DSSN's CPLG against
+fixed thresholds (DSSN Fig. 4) with the IoU of the hardest classes (Fig. 5), and DSSN Table 5.
+
+    python -m experiments.benchmarks.ablations --out=results/ablations.json [--readme=README.md] \\
+        [--names=dgcl_nocontra,...] [--split=1/16] [--seed=0]
+
+Each variant is its method's embedded config plus dotted-path overrides, trained into
+`<workdir>/<name>` (finished runs are read back). A group's reference is the unchanged method,
+read from (or trained into) the `embedded_results` grid's run directory, so the ablation and the
+results table share that run. One seed: with a seed-to-seed std of 2-4 points on this benchmark, a
+single-seed difference below ~3 points is not evidence; the paired grid in the results table is.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments import cli
+from experiments.benchmarks import embedded_results
+
+# name -> (group, method, overrides). Group references: the method's default config.
+VARIANTS = {
+    "dgcl_nocontra": ("dgcl", "dgcl", {"dgcl.contra_weight": 0.0}),
+    "dgcl_unimatch_aug": ("dgcl", "dgcl", {"dgcl.strong_augment": "unimatch"}),
+    "dssn_conf092": ("dssn_threshold", "dssn",
+                     {"dssn.pseudo_rule": "confidence", "dssn.conf_threshold": 0.92}),
+    "dssn_conf096": ("dssn_threshold", "dssn",
+                     {"dssn.pseudo_rule": "confidence", "dssn.conf_threshold": 0.96}),
+    "dssn_no_consistency": ("dssn_table5", "dssn", {"dssn.consistency_image": False,
+                                                    "dssn.consistency_feature": False}),
+    "dssn_only_feature_cl": ("dssn_table5", "dssn", {"dssn.consistency_image": False}),
+    "dssn_only_image_cl": ("dssn_table5", "dssn", {"dssn.consistency_feature": False}),
+}
+
+flags.DEFINE_list("names", list(VARIANTS), "Variants to run (see VARIANTS).")
+flags.DEFINE_string("split", "1/16", "Labeled fraction.")
+flags.DEFINE_integer("seed", 0, "Seed (split, init and data order).")
+flags.DEFINE_string("ablation_workdir", "runs/ablate", "Parent of the variants' run directories.")
+flags.DEFINE_integer("hardest", 3, "Report the IoU of this many hardest foreground classes.")
+FLAGS = flags.FLAGS   # --workdir (references), --out, --readme: embedded_results' flags
+
+
+def hardest_classes(per_class_iou: list, count: int) -> list:
+  """Indices of the `count` foreground classes (index > 0) with the lowest IoU."""
+  order = np.argsort(np.asarray(per_class_iou[1:])) + 1
+  return [int(c) for c in order[:count]]
+
+
+def table(rows: list, hardest: list) -> str:
+  """Markdown: one row per run, its mIoU, the difference to its group's reference and the IoU of
+  the classes in `hardest`."""
+  head = ("| group | variant | overrides | teacher mIoU | vs reference | "
+          + " | ".join(f"IoU digit {c - 1}" for c in hardest) + " |")
+  lines = [head, "|---" * (5 + len(hardest)) + "|"]
+  ref = {r["group"]: r["miou_teacher"] for r in rows if r["name"] == "reference"}
+  for r in rows:
+    over = ", ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "(default)"
+    diff = "—" if r["name"] == "reference" else f"{r['miou_teacher'] - ref[r['group']]:+.1f}"
+    ious = " | ".join(f"{r['per_class_iou_teacher'][c]:.1f}" for c in hardest)
+    lines.append(f"| {r['group']} | {r['name']} | {over} | {r['miou_teacher']:.1f} | {diff} | "
+                 f"{ious} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  cli.setup()
+  unknown = sorted(set(FLAGS.names) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f"--names: unknown variants {unknown}; valid: {sorted(VARIANTS)}")
+  t0, split, seed = time.time(), FLAGS.split, FLAGS.seed
+  tag = f"{split.replace('/', '_')}_seed{seed}"
+  rows, groups = [], {}
+  for name in FLAGS.names:
+    group, method, overrides = VARIANTS[name]
+    if group not in groups:   # the group's reference, shared with the results grid
+      groups[group] = method
+      workdir = os.path.join(FLAGS.workdir, f"{method}_{tag}")
+      print(f"=== {group} reference: {method} {split} seed {seed} -> {workdir}", flush=True)
+      res = embedded_results.run_one(method, split, seed, workdir)
+      rows.append(dict(group=group, name="reference", method=method, overrides={}, **_keep(res)))
+    workdir = os.path.join(FLAGS.ablation_workdir, name)
+    print(f"=== {name}: {method} {overrides} -> {workdir}", flush=True)
+    res = embedded_results.run_one(method, split, seed, workdir, overrides)
+    rows.append(dict(group=group, name=name, method=method, overrides=overrides, **_keep(res)))
+  rows.sort(key=lambda r: (list(groups).index(r["group"]), r["name"] != "reference"))
+  # The hardest classes of the DSSN reference (Fig. 5); of the first reference without DSSN.
+  refs = [r for r in rows if r["name"] == "reference"]
+  hard_ref = next((r for r in refs if r["method"] == "dssn"), refs[0])
+  hardest = hardest_classes(hard_ref["per_class_iou_teacher"], FLAGS.hardest)
+  md = table(rows, hardest)
+  out = FLAGS.out or "results/ablations.json"
+  cli.report_json({"split": split, "seed": seed, "rows": rows, "hardest_classes": hardest,
+                   "table": md, "wall_seconds": time.time() - t0}, out)
+  print(md)
+  if FLAGS.readme:
+    embedded_results.replace_block(FLAGS.readme, "ablations", md)
+
+
+def _keep(res: dict) -> dict:
+  return {k: res[k] for k in ("miou_teacher", "miou_student", "per_class_iou_teacher",
+                              "train_seconds")}
+
+
+if __name__ == "__main__":
+  app.run(main)
