@@ -5,13 +5,13 @@ fixed thresholds (DSSN Fig. 4) with the IoU of the hardest classes (Fig. 5), and
         [--names=dgcl_nocontra,...] [--split=1/16] [--seed=0]
 
 Each variant is its method's embedded config plus dotted-path overrides, trained into
-`<workdir>/<name>` (finished runs are read back). A group's reference is the unchanged method,
-read from (or trained into) the `embedded_results` grid's run directory, so the ablation and the
-results table share that run. One seed: with a seed-to-seed std of 2-4 points on this benchmark, a
-single-seed difference below ~3 points is not evidence; the paired grid in the results table is.
+`<ablation_dir>/<name>_<split>_seed<seed>` (finished runs are read back). A group's reference
+is the unchanged method, read from (or trained into) the `embedded_results` grid's run directory,
+so the ablation and the results table share that run. One seed per call: same-seed differences
+vary by about 1 point (paired std in the results table), so a single-seed difference of 1-2 points
+needs the other seeds (`--seed=1`, `--seed=2`) before it means anything.
 """
 
-import json
 import os
 import time
 
@@ -38,9 +38,9 @@ VARIANTS = {
 flags.DEFINE_list("names", list(VARIANTS), "Variants to run (see VARIANTS).")
 flags.DEFINE_string("split", "1/16", "Labeled fraction.")
 flags.DEFINE_integer("seed", 0, "Seed (split, init and data order).")
-flags.DEFINE_string("ablation_workdir", "runs/ablate", "Parent of the variants' run directories.")
+flags.DEFINE_string("ablation_dir", "runs/ablate", "Parent of the variants' run directories.")
 flags.DEFINE_integer("hardest", 3, "Report the IoU of this many hardest foreground classes.")
-FLAGS = flags.FLAGS   # --workdir (references), --out, --readme: embedded_results' flags
+FLAGS = flags.FLAGS   # --grid_dir (references), --readme: embedded_results; --out: the package
 
 
 def hardest_classes(per_class_iou: list, count: int) -> list:
@@ -78,11 +78,11 @@ def main(argv):
     group, method, overrides = VARIANTS[name]
     if group not in groups:   # the group's reference, shared with the results grid
       groups[group] = method
-      workdir = os.path.join(FLAGS.workdir, f"{method}_{tag}")
+      workdir = os.path.join(FLAGS.grid_dir, f"{method}_{tag}")
       print(f"=== {group} reference: {method} {split} seed {seed} -> {workdir}", flush=True)
       res = embedded_results.run_one(method, split, seed, workdir)
       rows.append(dict(group=group, name="reference", method=method, overrides={}, **_keep(res)))
-    workdir = os.path.join(FLAGS.ablation_workdir, name)
+    workdir = os.path.join(FLAGS.ablation_dir, f"{name}_{tag}")
     print(f"=== {name}: {method} {overrides} -> {workdir}", flush=True)
     res = embedded_results.run_one(method, split, seed, workdir, overrides)
     rows.append(dict(group=group, name=name, method=method, overrides=overrides, **_keep(res)))

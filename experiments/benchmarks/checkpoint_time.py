@@ -35,7 +35,6 @@ from experiments import cli
 flags.DEFINE_enum("preset", "demo", ["demo", "r101"], "What to checkpoint.")
 flags.DEFINE_integer("reps", 5, "Timed saves after the first one.")
 flags.DEFINE_string("dir", None, "Where to write the checkpoints (default: a temp dir, removed).")
-flags.DEFINE_string("out", None, "JSON output path (default: print only).")
 FLAGS = flags.FLAGS
 
 

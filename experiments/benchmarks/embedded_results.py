@@ -2,7 +2,7 @@
 
     python -m experiments.benchmarks.embedded_results --out=results/embedded.json \
         [--methods=supervised,mean_teacher,dgcl,dssn] [--splits=1/16,1/8] [--seeds=0,1,2] \
-        [--workdir=runs/embedded_results] [--readme=README.md]
+        [--grid_dir=runs/embedded_results] [--readme=README.md]
 
 Each run is an ordinary `experiments.train` run in its own workdir (so an interrupted grid
 resumes where it stopped; finished runs are read from their results.json). The seed changes
@@ -20,11 +20,9 @@ from absl import app, flags
 
 from experiments import cli
 
-flags.DEFINE_list("methods", ["supervised", "mean_teacher", "dgcl", "dssn"], "Config names.")
 flags.DEFINE_list("splits", ["1/16", "1/8"], "Labeled fractions.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, init and data order).")
-flags.DEFINE_string("workdir", "runs/embedded_results", "Parent of the run directories.")
-flags.DEFINE_string("out", None, "Aggregated JSON (default results/embedded.json).")
+flags.DEFINE_string("grid_dir", "runs/embedded_results", "Parent of the run directories.")
 flags.DEFINE_string("readme", "", "If set, replace the results table in this README.")
 flags.DEFINE_list("extra", [], "Extra full-label supervised reference runs: 'full'.")
 FLAGS = flags.FLAGS
@@ -108,7 +106,7 @@ def main(argv):
   grid = [(m, s, int(seed)) for m in FLAGS.methods for s in FLAGS.splits for seed in FLAGS.seeds]
   grid += [("supervised", s, int(seed)) for s in FLAGS.extra for seed in FLAGS.seeds]
   for method, split, seed in grid:
-    workdir = os.path.join(FLAGS.workdir, f"{method}_{split.replace('/', '_')}_seed{seed}")
+    workdir = os.path.join(FLAGS.grid_dir, f"{method}_{split.replace('/', '_')}_seed{seed}")
     print(f"=== {method} {split} seed {seed} -> {workdir}", flush=True)
     res = run_one(method, split, seed, workdir)
     rows.append({k: res[k] for k in ("method", "split", "seed", "miou_teacher", "miou_student",

@@ -18,11 +18,10 @@ from absl import app, flags
 from experiments import cli
 from experiments.benchmarks import step_time
 
-flags.DEFINE_list("methods", ["supervised", "mean_teacher", "dgcl", "dssn"], "Config names.")
 flags.DEFINE_integer("rounds", 3, "Alternating timing rounds.")
 flags.DEFINE_string("reference", "mean_teacher", "Method the ratios are relative to.")
 flags.DEFINE_string("config_arg", "", "Argument of every config (e.g. 'smoke', 'split=1/8').")
-FLAGS = flags.FLAGS   # --steps (per method per round) and --out come from step_time
+FLAGS = flags.FLAGS   # --steps (per method per round) comes from step_time, --out from the package
 
 
 def main(argv):

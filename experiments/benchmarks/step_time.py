@@ -24,7 +24,6 @@ from experiments import cli
 
 flags.DEFINE_enum("preset", None, ["demo", "r101_cpu"], "A named benchmark entry.")
 flags.DEFINE_integer("steps", 10, "Timed steady-state steps (after one warm-up step).")
-flags.DEFINE_string("out", None, "JSON output path (default: print only).")
 config_flags.DEFINE_config_file("config", None, "Config file (path.py:args).",
                                 lock_config=True)
 FLAGS = flags.FLAGS

@@ -26,14 +26,14 @@ def test_report_from_finished_runs(tmp_path):
   iou = lambda low: [95.0, 80.0, low, 70.0, 60.0] + [90.0] * 6
   _result(grid / "dgcl_1_16_seed0", 50.0, iou(40.0))
   _result(grid / "dssn_1_16_seed0", 52.0, iou(30.0))
-  _result(ablate / "dgcl_nocontra", 47.5, iou(35.0))
-  _result(ablate / "dssn_conf092", 53.0, iou(20.0))
+  _result(ablate / "dgcl_nocontra_1_16_seed0", 47.5, iou(35.0))
+  _result(ablate / "dssn_conf092_1_16_seed0", 53.0, iou(20.0))
   readme.write_text("intro\n<!-- ablations:begin -->\nold\n<!-- ablations:end -->\nrest\n")
   out = tmp_path / "ablations.json"
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["ablations"])
-  with flagsaver.flagsaver(names=["dgcl_nocontra", "dssn_conf092"], workdir=str(grid),
-                           ablation_workdir=str(ablate), out=str(out), readme=str(readme)):
+  with flagsaver.flagsaver(names=["dgcl_nocontra", "dssn_conf092"], grid_dir=str(grid),
+                           ablation_dir=str(ablate), out=str(out), readme=str(readme)):
     ablations.main([])
   result = json.loads(out.read_text())
   # Hardest foreground classes of the DSSN reference: IoU 30 (class 2), 60 (4), 70 (3).
