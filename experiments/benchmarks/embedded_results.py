@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli
+from semijax import checkpoint
 
 flags.DEFINE_list("splits", ["1/16", "1/8"], "Labeled fractions.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, init and data order).")
@@ -71,7 +72,7 @@ def paired_table(rows: list, reference: str) -> str:
   cancel most of the split-to-split variance: mean +- sample std (n) of the paired differences."""
   splits = sorted({r["split"] for r in rows}, key=lambda s: (s == "full", s))
   by_key = {(r["method"], r["split"], r["seed"]): r["miou_teacher"] for r in rows}
-  lines = [f"| paired difference | " + " | ".join(f"{s} labels" for s in splits) + " |",
+  lines = ["| paired difference | " + " | ".join(f"{s} labels" for s in splits) + " |",
            "|---" * (len(splits) + 1) + "|"]
   for m in dict.fromkeys(r["method"] for r in rows):
     if m == reference:
@@ -95,8 +96,7 @@ def replace_block(readme: str, name: str, text: str) -> None:
     raise ValueError(f"{readme}: no {begin} ... {end} block to replace")
   head, rest = content.split(begin, 1)
   _, tail = rest.split(end, 1)
-  with open(readme, "w") as f:
-    f.write(f"{head}{begin}\n{text}\n{end}{tail}")
+  checkpoint.atomic_write_text(readme, f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv):
@@ -116,10 +116,8 @@ def main(argv):
   baselines = [m for m in ("supervised", "mean_teacher") if any(r["method"] == m for r in rows)]
   for i, reference in enumerate(baselines):
     md += "\n\n" + paired_table([r for r in rows if r["method"] not in baselines[:i]], reference)
-  out = FLAGS.out or "results/embedded.json"
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"rows": rows, "table": md, "wall_seconds": time.time() - t0}, f, indent=1)
+  cli.report_json({"rows": rows, "table": md, "wall_seconds": time.time() - t0},
+                  FLAGS.out or "results/embedded.json")
   print(md)
   if FLAGS.readme:
     replace_block(FLAGS.readme, "results", md)
