@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.semijax-installed
 
-.PHONY: demo test setup clean-venv results
+.PHONY: demo test test-fast test-torch lint setup clean-venv results tensorboard gpu-wheels
 
 setup: $(STAMP)
 
@@ -22,11 +22,40 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# Unit tests only (no training, no compiled train steps, no benchmark scripts): < 3 min.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+# The style checks of pyproject.toml [tool.ruff] (run by .ci/run before the tests).
+lint: $(STAMP)
+	$(PY) -m ruff check semijax experiments tests
+
+# The torch-parity tests (tests/models/test_torch_parity.py) need torch, an optional extra.
+test-torch: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[torch]'
+	$(PY) -m pytest -q tests/models/test_torch_parity.py
+
 # Regenerates the README results and ablation tables (24 + 7 training runs; finished runs under
 # runs/ are read back, so an interrupted `make results` continues). About 4 hours on 2 cores.
 results: $(STAMP)
 	$(PY) -m experiments.benchmarks.embedded_results --out=results/embedded.json --readme=README.md
 	$(PY) -m experiments.benchmarks.ablations --out=results/ablations.json --readme=README.md
+
+# TensorBoard for the logs every run writes (runs/<name>/tensorboard): the viewer only, no
+# TensorFlow. Then: $(VENV)/bin/tensorboard --logdir runs
+tensorboard: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[tensorboard]'
+	@echo "installed; view a run with: $(VENV)/bin/tensorboard --logdir runs"
+
+# The pure-Python / cp312 wheels the GPU machine lacks (it cannot download), for
+# experiments/benchmarks/gpu_run.sh: fetch them here, then carry the folder to the machine.
+GPU_WHEELS := experiments/benchmarks/wheels-py312
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download -q --disable-pip-version-check --python-version 3.12 \
+	  --only-binary=:all: --no-deps -d $(GPU_WHEELS) -c constraints.txt \
+	  ml-collections pyyaml grain array-record dm-tree etils cloudpickle more-itertools \
+	  tensorboardX protobuf
 
 clean-venv:
 	rm -rf $(VENV)

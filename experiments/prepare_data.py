@@ -2,7 +2,8 @@ r"""Checks (and optionally fixes or packs) a dataset folder before anyone trains
 
     python -m experiments.prepare_data voc --root data/VOC2012 [--fix --sbd SBD_DIR]
     python -m experiments.prepare_data cityscapes --root data/cityscapes [--fix]
-    python -m experiments.prepare_data folder --root data/my_set [--fraction 0.125 --seed 0]
+    python -m experiments.prepare_data folder --root data/my_set [--fraction 1/8 --seed 0]
+    python -m experiments.prepare_data example --root data/textures   # writes a 3-class example
 
 Reports, per dataset: file counts per split against the expected ones; every split list of the
 registry with its labeled/unlabeled counts and the files it needs that are missing (the first
@@ -12,8 +13,11 @@ of the label values found; and, for each problem, the command that fixes it. `--
 converters (SBD `.mat` -> SegmentationClassAug PNGs, Cityscapes labelIds -> labelTrainIds) for the
 missing files and checks again. `--to-array-record DIR` packs the checked dataset into array_record
 files (tensorflow-datasets format, no TensorFlow) for `semijax.data.sources.PackedSource`.
+For a custom folder it also states the valid label ids, the ignore value and the background
+class, lists which mask files hold which invalid values, and warns when there is no val set.
+`example` writes a generated 3-class folder (`semijax.data.example_folder`) to try this on.
 
-Exit status: 0 when no problem was found, 1 otherwise, 2 for bad arguments.
+Exit status: 0 when no problem was found (warnings allowed), 1 otherwise, 2 for bad arguments.
 """
 
 import argparse
@@ -24,8 +28,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from semijax.data import cityscapes, folder, image_io, sources, splits, voc
-from semijax.data.sources import DataError
+from semijax.data import cityscapes, datasets, folder, image_io, sources, splits, voc
+from semijax.data.sources import DataError, LabelValueError
 
 
 class Report:
@@ -35,6 +39,7 @@ class Report:
     self.stream = stream or sys.stdout
     self.max_listed = max_listed
     self.problems = []
+    self.warnings = []
     self.fixes = []
 
   def section(self, title: str) -> None:
@@ -47,9 +52,20 @@ class Report:
     self.problems.append(message)
     print(f"!! {message}", file=self.stream)
     if fix:
+      self.fix(fix)
+
+  def fix(self, fix: str) -> None:
+    """How to fix the last problem (printed now and repeated in the summary)."""
+    print(f"   fix: {fix}", file=self.stream)
+    if fix not in self.fixes:
+      self.fixes.append(fix)
+
+  def warning(self, message: str, fix: Optional[str] = None) -> None:
+    """Something that does not stop training but probably should be changed."""
+    self.warnings.append(message)
+    print(f"?? warning: {message}", file=self.stream)
+    if fix:
       print(f"   fix: {fix}", file=self.stream)
-      if fix not in self.fixes:
-        self.fixes.append(fix)
 
   def files(self, what: str, paths: Sequence[str], fix: Optional[str] = None) -> None:
     """A problem about a list of files: names the first `max_listed` and counts the rest."""
@@ -59,6 +75,8 @@ class Report:
 
   def summary(self) -> int:
     self.section("Summary")
+    if self.warnings:
+      self.info(f"{len(self.warnings)} warning(s): " + "; ".join(self.warnings))
     if not self.problems:
       self.info("no problems found")
       return 0
@@ -68,19 +86,32 @@ class Report:
     return 1
 
 
+READ_FIX = ("replace the named files from the original archives (or re-run the converter that "
+            "wrote them)")
+
+
 def check_records(report: Report, source: sources.FileSource, title: str, *, sample: int,
-                  full: bool) -> collections.Counter:
-  """Decodes a sample of `source` (all with `full`); reports bad files; returns value counts."""
+                  full: bool, read_fix: str = READ_FIX,
+                  sizes: Optional[collections.Counter] = None) -> collections.Counter:
+  """Decodes a sample of `source` (all with `full`); reports bad files; returns value counts.
+
+  Label values outside the classes are reported apart from unreadable files: one problem
+  listing each bad value with the files that hold it and the valid ids (`source.explain_values`).
+  `sizes`, if given, counts the image sizes `(H, W)` seen.
+  """
   positions = list(range(len(source)))
   picked = positions if (full or len(positions) <= sample) else sorted(
       np.random.default_rng(0).choice(len(positions), size=sample, replace=False).tolist())
   report.section(f"{title}: decoding {len(picked)} of {len(source)} records"
                  + ("" if full or len(picked) == len(source) else " (use --full for all)"))
-  raw_counts, mapped_counts, bad = collections.Counter(), collections.Counter(), []
+  raw_counts, mapped_counts, bad, bad_values = (collections.Counter(), collections.Counter(),
+                                                [], [])
   for pos in picked:
     item = source.items[pos]
     try:
       image = image_io.read_image(item.image)
+      if sizes is not None:
+        sizes[image.shape[:2]] += 1
       if source.labeled:
         raw = image_io.read_label(item.label, rgb_palette=source.rgb_palette)
         values, counts = np.unique(raw, return_counts=True)
@@ -89,17 +120,28 @@ def check_records(report: Report, source: sources.FileSource, title: str, *, sam
         image_io.check_same_size(image, label, item.image, item.label)
         values, counts = np.unique(label, return_counts=True)
         mapped_counts.update(dict(zip(values.tolist(), counts.tolist())))
+    except LabelValueError as e:
+      bad_values.append(e)
     except DataError as e:
       bad.append(str(e))
   if bad:
-    report.problem(f"{len(bad)} of {len(picked)} records failed to read:",
-                   "replace the named files from the original archives (or re-run the converter "
-                   "that wrote them)")
+    report.problem(f"{len(bad)} of {len(picked)} records failed to read:", read_fix)
     for message in bad[:report.max_listed]:
       report.info(f"- {message}")
     if len(bad) > report.max_listed:
       report.info(f"... and {len(bad) - report.max_listed} more")
-  else:
+  if bad_values:
+    values = sorted({v for e in bad_values for v in e.values})
+    explain = (source.explain_values(values) if hasattr(source, "explain_values")
+               else f"valid label ids: {source.info.describe_classes()}")
+    by_value = {v: [e.path for e in bad_values if v in e.values] for v in values}
+    report.problem(f"{len(bad_values)} of {len(picked)} masks hold label values outside the "
+                   f"classes:")
+    for v, paths in by_value.items():
+      report.info(f"- value {v} in {len(paths)} file{'s' if len(paths) > 1 else ''}: "
+                  f"{sources.list_problems(paths, report.max_listed)}")
+    report.fix(explain)
+  if not bad and not bad_values:
     report.info("all decoded; sizes match; label values valid")
   if source.labeled and mapped_counts:
     total = sum(mapped_counts.values())
@@ -288,39 +330,114 @@ def check_cityscapes(report: Report, args) -> list:
 def check_folder(report: Report, args) -> list:
   """Checks a custom folder dataset; returns the sources to pack."""
   root = args.root
+  where = os.path.join(root, folder.METADATA)
   report.section(f"Custom dataset at {root}")
   try:
     dataset = folder.FolderDataset(root)
   except DataError as e:
-    report.problem(str(e), f"see the layout in semijax/data/folder.py; example {folder.METADATA}: "
+    report.problem(str(e), f"see README \"Train on your own data\"; example {folder.METADATA}: "
                            f"{folder.EXAMPLE_METADATA}")
     return []
   info = dataset.info
-  report.info(f"name {info.name!r}, {info.num_classes} classes: {', '.join(info.class_names)}")
+  report.info(f"name {info.name!r}, {info.num_classes} classes; valid label ids: "
+              f"{info.describe_classes()}")
+  if dataset.ignore_declared:
+    report.info(f"ignore value: {dataset.ignore_value} (ignore_index)")
+  else:
+    report.info("ignore value: none declared (ignore_index defaults to 255, but a mask holding "
+                "255 is refused until dataset.json says what it is)")
+  if dataset.value_map:
+    report.info("value_map: " + ", ".join(f"{k} -> {v}" for k, v in dataset.value_map.items()))
+  if info.background_class is None:
+    report.info("background class: none (every class gets DGCL anchors; set background_class "
+                "if one class means 'no object')")
+    if info.class_names[0].lower() in ("background", "bg", "void", "none", "other"):
+      report.warning(f"class 0 is called {info.class_names[0]!r} but background_class is not "
+                     "set, so methods treat it as an object class",
+                     f"add \"background_class\": 0 to {where} if it means 'no object'")
+  else:
+    report.info(f"background class: {info.background_class} "
+                f"({info.class_names[info.background_class]})")
   report.info(f"{len(dataset.masked_ids)} images with masks, {len(dataset.extra_unlabeled_ids)} "
               f"unlabeled images")
+  fraction = args.fraction
+  if dataset.explicit_labeled and fraction is None:
+    shown = "split=explicit"
+  else:
+    shown = f"split={args.fraction_text or 'full'}"
   try:
-    parts = dataset.split(fraction=args.fraction, seed=args.seed, val_fraction=args.val_fraction)
+    parts = dataset.split(fraction=fraction, seed=args.seed, val_fraction=args.val_fraction)
   except DataError as e:
     report.problem(str(e))
     return []
-  report.info(f"split ({parts.spec.protocol} {parts.spec.name}): {len(parts.labeled)} labeled, "
-              f"{len(parts.unlabeled)} unlabeled, {len(parts.val) if parts.val else 0} val")
+  val_count = len(parts.val) if parts.val else 0
+  val_from = ("splits.val" if dataset.explicit_val else
+              f"--val-fraction {args.val_fraction:g}" if args.val_fraction else "none")
+  report.info(f"{shown} ({parts.spec.protocol} {parts.spec.name}): {len(parts.labeled)} "
+              f"labeled, {len(parts.unlabeled)} unlabeled, {val_count} val (from {val_from})")
+  if not val_count:
+    report.warning("no val set: training would be refused and mIoU cannot be measured",
+                   f"list val images in {where} (\"splits\": {{\"val\": [\"stem\", ...]}}) "
+                   "or train with --config.data.val_fraction=0.2 (here: --val-fraction 0.2)")
   to_pack = []
+  sizes = collections.Counter()
   if dataset.masked_ids:
     masked = dataset.source(dataset.masked_ids, labeled=True)
-    raw = check_records(report, masked, "images + masks", sample=args.sample, full=args.full)
-    values = set(raw)
-    if info.num_classes == 2 and 255 in values and values <= {0, 1, 255} and 1 not in values:
-      report.problem("masks hold only 0 and 255 with 2 classes: 255 is read as ignore, so the "
-                     "foreground class never appears",
-                     f"add \"value_map\": {{\"255\": 1}} to {os.path.join(root, folder.METADATA)}")
+    check_records(report, masked, "images + masks", sample=args.sample, full=args.full,
+                  read_fix="re-export the named files (they must be PNG/JPEG images that open)",
+                  sizes=sizes)
     to_pack.append(("train", masked))
   if dataset.extra_unlabeled_ids:
     extra = dataset.source(dataset.extra_unlabeled_ids, labeled=False)
-    check_records(report, extra, "unlabeled/", sample=args.sample, full=args.full)
+    check_records(report, extra, "unlabeled/", sample=args.sample, full=args.full,
+                  read_fix="re-export the named files (they must be PNG/JPEG images that open)",
+                  sizes=sizes)
     to_pack.append(("unlabeled", extra))
+  if len(sizes) > 1:
+    h = max(s[0] for s in sizes)
+    w = max(s[1] for s in sizes)
+    report.info(f"image sizes differ ({len(sizes)} sizes, up to {h}x{w}): evaluation batches "
+                f"need one shape, so train with --config.data.eval_size='({h}, {w})'")
+  if not report.problems:
+    split = "explicit" if dataset.explicit_labeled else (args.fraction_text or "1/8")
+    val = "" if val_count or not args.val_fraction else \
+        f" --config.data.val_fraction={args.val_fraction:g}"
+    report.section("Next")
+    report.info(f"train: python -m experiments.train --config=experiments/configs/"
+                f"mean_teacher.py:dataset=folder,root={root},split={split}{val} "
+                f"--workdir=runs/{info.name}")
   return to_pack
+
+
+def write_example(report: Report, args) -> list:
+  """`example`: writes the generated 3-class folder, then checks it like any folder."""
+  from semijax.data import example_folder  # pylint: disable=g-import-not-at-top
+  out = example_folder.write_example_folder(args.root)
+  report.section(f"Example dataset written to {args.root}")
+  report.info(f"{out['num_images']} images with masks ({out['num_val']} listed as val), "
+              f"{out['num_unlabeled']} unlabeled, classes {', '.join(out['class_names'])}")
+  return check_folder(report, args)
+
+
+def _fraction_arg(text: str) -> float:
+  """argparse type: `1/8`, `0.125` or `full`."""
+  try:
+    return datasets.parse_fraction(text, name="--fraction")
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _val_fraction_arg(text: str) -> float:
+  """argparse type: `0`, `1/5` or `0.2`."""
+  if text.strip() in ("0", "0.0"):
+    return 0.0
+  try:
+    value = datasets.parse_fraction(text, name="--val-fraction")
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  if value >= 1.0:
+    raise argparse.ArgumentTypeError(f"--val-fraction={text!r}; must be below 1")
+  return value
 
 
 # ----------------------------------------------------------------------------------- main
@@ -331,7 +448,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.prepare_data", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("dataset", choices=("voc", "cityscapes", "folder"))
+  parser.add_argument("dataset", choices=("voc", "cityscapes", "folder", "example"),
+                      help="'example' writes a generated 3-class folder into --root, then "
+                           "checks it")
   parser.add_argument("--root", required=True, help="dataset folder")
   parser.add_argument("--fix", action="store_true",
                       help="run the converters for missing label files, then check again")
@@ -340,22 +459,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--sample", type=int, default=200, help="records decoded without --full")
   parser.add_argument("--max-listed", type=int, default=10, help="files named per problem")
   parser.add_argument("--splits-dir", help="split lists replacing the shipped ones (same layout)")
-  parser.add_argument("--fraction", type=float, help="folder: labeled fraction to preview")
+  parser.add_argument("--fraction", type=_fraction_arg,
+                      help="folder: labeled fraction to preview, e.g. 1/8, 0.125 or full")
   parser.add_argument("--seed", type=int, default=0, help="folder: seed of the fraction split")
-  parser.add_argument("--val-fraction", type=float, default=0.0, help="folder: held-out val share")
+  parser.add_argument("--val-fraction", type=_val_fraction_arg, default=0.0,
+                      help="folder: held-out val share, e.g. 1/5 or 0.2 (when dataset.json "
+                           "lists no splits.val)")
   parser.add_argument("--to-array-record", metavar="DIR",
                       help="after a clean check, pack the dataset into array_record files here")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  # The fraction as typed, for the suggested train command (`split=1/8`).
+  raw = list(argv if argv is not None else sys.argv[1:])
+  args.fraction_text = None
+  for i, a in enumerate(raw):
+    if a == "--fraction" and i + 1 < len(raw):
+      args.fraction_text = raw[i + 1]
+    elif a.startswith("--fraction="):
+      args.fraction_text = a.split("=", 1)[1]
+  return args
 
 
 def main(argv: Optional[Sequence[str]] = None, stream=None) -> int:
   """Runs the checks; returns the exit status (0 clean, 1 problems)."""
   args = parse_args(argv)
   report = Report(stream, args.max_listed)
-  if not os.path.isdir(args.root):
+  if args.dataset != "example" and not os.path.isdir(args.root):
     report.problem(f"{args.root}: folder not found")
     return report.summary()
-  check = {"voc": check_voc, "cityscapes": check_cityscapes, "folder": check_folder}[args.dataset]
+  check = {"voc": check_voc, "cityscapes": check_cityscapes, "folder": check_folder,
+           "example": write_example}[args.dataset]
   try:
     to_pack = check(report, args)
   except DataError as e:  # e.g. a broken --splits-dir

@@ -39,6 +39,10 @@ def parse_flags(argv):
     print(f"[semijax] error (ConfigError): a --config override names an unknown config field: "
           f"{reason}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except flags.IllegalFlagValueError as e:  # the config file's get_config(arg) refused its argument
+    cause = e.__cause__ or e.__context__ or e
+    print(f"[semijax] error (ConfigError): --config: {cause}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def main(argv):

@@ -16,19 +16,29 @@ Crash safety (each point is exercised by tests/train/test_crash_safety.py):
   where it is raised as `CheckpointSaveError` naming the directory, the step and the OS
   reason; the unfinished directory is deleted by the next writable `Checkpointer`.
 - `Checkpointer(..., read_only=True)` never writes, so a run can inspect (and refuse) a
-  workdir's checkpoints before it has written anything.
+  workdir's checkpoints before it has written anything. (Orbax warns "Given directory is read
+  only" and "read_only=True, setting save_interval_steps=0" for every such manager; both describe
+  our own choice: the first is filtered out, the second avoided by passing that setting.)
 The last `keep` checkpoints and the best one by validation mIoU are kept.
+
+Resume safety: `config_differences(saved, current)` lists the config fields that differ
+between the run that wrote a workdir (`config.json`) and the one resuming it, except the
+fields of `MAY_DIFFER_ON_RESUME` (logging, evaluation and checkpoint cadence, input workers,
+device count); `check_resume_config` refuses the resume naming them, before anything is written.
 """
 
+import contextlib
 import errno
 import glob
 import hashlib
 import json
+import logging as std_logging
 import os
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
+from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -84,6 +94,30 @@ def compare_meta(meta: Dict[str, Any], expected: Dict[str, Any], where: str) -> 
         "--workdir, or delete that checkpoint directory to start over.")
 
 
+class _DropReadOnlyNotice(std_logging.Filter):
+  """Drops orbax's "Given directory is read only=..." warning and nothing else."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTICE)
+
+
+ORBAX_READ_ONLY_NOTICE = "Given directory is read only"
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+  """While opening a read-only manager: orbax warns that the directory is read only, which is
+  what we asked for (inspecting a workdir without writing); the notice alarms users on every
+  resume, evaluation and prediction, so it is filtered from absl's logger for that call only."""
+  logger = absl_logging.get_absl_logger()
+  notice_filter = _DropReadOnlyNotice()
+  logger.addFilter(notice_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice_filter)
+
+
 class Checkpointer:
   """Saves and restores `(state, data_state, meta)` in `workdir/checkpoints`.
 
@@ -106,13 +140,16 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save and not read_only,
-        cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+        cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only,
+        # Orbax resets these for a read-only manager and warns that it did; say it up front.
+        save_interval_steps=0 if read_only else 1)
     if not read_only and jax.process_index() == 0:
       # Unfinished saves of a killed run; orbax would delete them in the background too,
       # but doing it now makes the state of the directory known when this returns.
       for path in glob.glob(os.path.join(glob.escape(self.directory), f"*{TMP_SUFFIX}*")):
         shutil.rmtree(path, ignore_errors=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    with _quiet_read_only_notice() if read_only else contextlib.nullcontext():
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._in_flight: Optional[int] = None  # step of the last save not yet known to be done
 
   def latest_step(self) -> Optional[int]:
@@ -279,3 +316,138 @@ def atomic_write_text(path: str, text: str) -> None:
 def config_fingerprint(config) -> str:
   """A stable JSON of the config (written next to checkpoints for provenance)."""
   return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------------------------
+# Resume safety: a resumed run must be the run that wrote the checkpoint.
+# ------------------------------------------------------------------------------------------
+
+CONFIG_FILE = "config.json"
+
+# Config fields that may differ between a run and the checkpoint it resumes: they change how a
+# run is watched, saved or fed, never the state it reaches or the numbers it reports. Every
+# other field (data, split, seeds, model, method and its hyperparameters, optimizer, schedule,
+# evaluation protocol, ...) changes the result and must match. An allow-list, so that a field
+# added later is compared until someone decides it is harmless.
+MAY_DIFFER_ON_RESUME = (
+    "train.log_every",          # logging cadence
+    "train.eval_every",         # evaluation cadence (evaluation does not touch the state)
+    "train.eval_student",       # whether the student is also evaluated during training
+    "train.checkpoint_every",   # checkpoint cadence
+    "train.keep_checkpoints",   # checkpoints kept on disk
+    "train.num_devices",        # the step is device-count independent (README, multi-device);
+                                # compared when it decides the BatchNorm groups, see below
+    "data.num_workers",         # input worker processes
+    "data.eval_batch",          # evaluation batch: per-image results, only the padding differs
+    "recipe.source",            # provenance text
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+  """`{'a': {'b': 1}}` -> `{'a.b': 1}` for dicts and ConfigDicts; tuples become lists (JSON)."""
+  if hasattr(tree, "to_dict"):
+    tree = tree.to_dict()
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if hasattr(value, "to_dict") or isinstance(value, Mapping):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _as_json(config: Any) -> Dict[str, Any]:
+  """A config (ConfigDict, nested or flat dict) as the flat JSON values `config.json` holds."""
+  flat = _flatten(config) if not (isinstance(config, Mapping) and all(
+      not isinstance(v, Mapping) and not hasattr(v, "to_dict") for v in config.values())) \
+      else dict(config)
+  return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def result_fields(config: Any) -> Dict[str, Any]:
+  """The flat `{dotted field: value}` of every config field that changes a run's result.
+
+  That is every field except `MAY_DIFFER_ON_RESUME`, with one exception: with
+  `train.sync_bn=False`, `train.bn_groups=0` and no `recipe.gpus`, the BatchNorm statistic
+  groups follow the device count (`parallel.bn_groups_per_forward`), so `train.num_devices`
+  is a result field there.
+
+  Args:
+    config: an ml_collections ConfigDict, a nested dict, or the flat dict it becomes.
+
+  Returns:
+    JSON-normalised values (tuples as lists), keyed by dotted path, sorted.
+  """
+  flat = _as_json(config)
+  allowed = set(MAY_DIFFER_ON_RESUME)
+  if (flat.get("train.sync_bn") is False and not flat.get("train.bn_groups")
+      and not flat.get("recipe.gpus")):
+    allowed.discard("train.num_devices")
+  return {k: v for k, v in sorted(flat.items()) if k not in allowed}
+
+
+def config_differences(saved: Any, current: Any) -> List[str]:
+  """The result-changing fields where `current` differs from `saved`, one line each.
+
+  Args:
+    saved: the config the checkpoint was trained with (`config.json`: a nested dict), or a
+      ConfigDict.
+    current: the config of the run that wants to resume.
+
+  Returns:
+    `["data.split: checkpoint '1/8', this run '1/4'", ...]`, sorted by field; empty when the
+    runs agree on every `result_fields` field. A field only one side has (a config written
+    by another semijax version) is not compared.
+  """
+  old, new = result_fields(saved), result_fields(current)
+  return [f"{k}: checkpoint {old[k]!r}, this run {new[k]!r}"
+          for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+
+
+def load_saved_config(workdir: str) -> Optional[Dict[str, Any]]:
+  """The config a workdir was first trained with (`workdir/config.json`), or None if absent.
+
+  Raises:
+    CheckpointMismatchError: the file exists but is not a JSON object.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointMismatchError(f"{path}: cannot read the config of the run in this workdir "
+                                  f"({e}); use another --workdir") from e
+  if not isinstance(saved, dict):
+    raise CheckpointMismatchError(f"{path}: expected a JSON object (the run's config)")
+  return saved
+
+
+def check_resume_config(workdir: str, config: Any, *,
+                        saved: Optional[Mapping[str, Any]] = None) -> None:
+  """Refuses to resume `workdir` with a config that would change the result; writes nothing.
+
+  Args:
+    workdir: the run directory holding a checkpoint.
+    config: the config of the run that wants to resume.
+    saved: the config the checkpoint was trained with; default `workdir/config.json` (no
+      check when neither exists).
+
+  Raises:
+    CheckpointMismatchError: listing every differing field with both values, the fields that
+      may differ, and what to do.
+  """
+  if saved is None:
+    saved = load_saved_config(workdir)
+  if saved is None:
+    return
+  diffs = config_differences(saved, config)
+  if diffs:
+    raise CheckpointMismatchError(
+        f"{os.path.join(workdir, 'checkpoints')} was trained with another config, and these "
+        f"fields change the result: {'; '.join(diffs)}. Resuming would mix two runs (and "
+        f"results.json would describe neither). Rerun with the checkpoint's values "
+        f"({os.path.join(workdir, CONFIG_FILE)}), use another --workdir, or delete this one to "
+        f"start over. Fields that may differ on resume: {', '.join(MAY_DIFFER_ON_RESUME)}.")

@@ -38,3 +38,16 @@ def mesh8():
   """A 1-D `data` mesh over the 8 fake CPU devices (Auto axis, as our trainer uses)."""
   assert jax.device_count() == 8, "conftest must run before JAX initialises"
   return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# Folders whose tests train, compile whole train steps or run benchmark scripts: `make
+# test-fast` (`-m "not slow"`) leaves them out; `make test` runs everything.
+SLOW_FOLDERS = ("train", "parallel", "methods", "benchmarks")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    parts = item.path.parts
+    if "tests" in parts and parts[parts.index("tests") + 1] in SLOW_FOLDERS:
+      item.add_marker(pytest.mark.slow)

@@ -23,16 +23,49 @@ from experiments.benchmarks import embedded_results
 
 # name -> (group, method, overrides). Group references: the method's default config.
 VARIANTS = {
-    "dgcl_nocontra": ("dgcl", "dgcl", {"dgcl.contra_weight": 0.0}),
+    "dgcl_nocontra": ("dgcl", "dgcl", {"dgcl_contrast.weight": 0.0}),
     "dgcl_unimatch_aug": ("dgcl", "dgcl", {"dgcl.strong_augment": "unimatch"}),
     "dssn_conf092": ("dssn_threshold", "dssn",
-                     {"dssn.pseudo_rule": "confidence", "dssn.conf_threshold": 0.92}),
+                     {"pseudo_label.rule": "confidence", "pseudo_label.confidence.threshold": 0.92}),
     "dssn_conf096": ("dssn_threshold", "dssn",
-                     {"dssn.pseudo_rule": "confidence", "dssn.conf_threshold": 0.96}),
+                     {"pseudo_label.rule": "confidence", "pseudo_label.confidence.threshold": 0.96}),
     "dssn_no_consistency": ("dssn_table5", "dssn", {"dssn.consistency_image": False,
                                                     "dssn.consistency_feature": False}),
     "dssn_only_feature_cl": ("dssn_table5", "dssn", {"dssn.consistency_image": False}),
     "dssn_only_image_cl": ("dssn_table5", "dssn", {"dssn.consistency_feature": False}),
+    # Alonso et al. Table 8 (teacher features, attention, FQF), each removed from the full model.
+    "alonso_student_features": ("alonso_table8", "alonso", {"alonso_contrast.bank_source": "student"}),  # noqa: E501
+    "alonso_no_attention": ("alonso_table8", "alonso", {"alonso_contrast.attention": False}),
+    "alonso_no_fqf": ("alonso_table8", "alonso", {"alonso_contrast.quality_filter": False}),
+    "alonso_base": ("alonso_table8", "alonso", {"alonso_contrast.bank_source": "student", "alonso_contrast.attention": False, "alonso_contrast.quality_filter": False}),  # noqa: E501
+    "alonso_no_contrast": ("alonso_table8", "alonso", {"alonso_contrast.weight": 0.0}),
+    "alonso_uniform_bank_weights": ("alonso_table8", "alonso", {"alonso_contrast.bank_attention": False}),  # noqa: E501
+    # Why the recipe may trail mean teacher / supervised on the embedded data: each piece off.
+    "alonso_no_labeled_aug": ("alonso_recipe", "alonso", {"alonso.labeled_augment": False}),
+    "alonso_no_rescale": ("alonso_recipe", "alonso", {"alonso.rescale": False}),
+    "alonso_no_entropy": ("alonso_recipe", "alonso", {"entropy_min.weight": 0.0}),
+    "alonso_no_pseudo": ("alonso_recipe", "alonso", {"alonso.pseudo_weight": 0.0}),
+    "alonso_threshold095": ("alonso_recipe", "alonso", {"pseudo_label.sharpened.threshold": 0.95}),
+    "alonso_ema099": ("alonso_recipe", "alonso", {"ema.decay": 0.99, "ema.warmup": "u2pl"}),
+    # CSC Table III (bank, TopN, consistency/separation module), cumulative as in the paper
+    # (baseline, +B, +B+TopN; the reference is the full method) and one at a time.
+    "csc_nocontra": ("csc_table3", "csc", {"csc_contrast.weight": 0.0}),
+    "csc_bank_only": ("csc_table3", "csc", {"csc_contrast.top_n": 0, "csc_contrast.consistency": False, "csc_contrast.separation_gate": False}),  # noqa: E501
+    "csc_nocsm": ("csc_table3", "csc", {"csc_contrast.consistency": False, "csc_contrast.separation_gate": False}),  # noqa: E501
+    "csc_nobank": ("csc_table3", "csc", {"csc_contrast.memory_bank": False}),
+    "csc_allpos": ("csc_table3", "csc", {"csc_contrast.top_n": 0}),
+    # Why CSC trails: its strong view (CutMix only, as the code) and the contrast's weight.
+    "csc_unimatch_aug": ("csc_why", "csc", {"csc.strong_augment": "unimatch"}),
+    "csc_weight01": ("csc_why", "csc", {"csc_contrast.weight": 0.1}),
+    # CAC: no context change (both crops identical, IoU in [1, 1]: Table 3 VI, Fig. 7), Table 3's
+    # components one at a time, no memory, and oracle pseudo-labels for negative sampling.
+    "cac_no_context": ("cac_table3", "cac", {"cac.iou_range": (1.0, 1.0)}),
+    "cac_no_direction": ("cac_table3", "cac", {"cac.directional": False}),
+    "cac_no_negative_sampling": ("cac_table3", "cac", {"cac.negative_sampling": False}),
+    "cac_no_positive_filter": ("cac_table3", "cac", {"cac.threshold": 0.0}),
+    "cac_no_memory": ("cac_table3", "cac", {"cac.memory_steps": 0}),
+    "cac_no_contrast": ("cac_table3", "cac", {"cac.weight": 0.0}),
+    "cac_oracle_labels": ("cac_table3", "cac", {"diagnostics.oracle_pseudo_labels": True}),
 }
 
 flags.DEFINE_list("names", list(VARIANTS), "Variants to run (see VARIANTS).")

@@ -38,6 +38,7 @@ per-loop single chunk replaced by that analytic count.
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -49,6 +50,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli
+
 # `step_time` defines --out (JSON output path) and the machine-peak measurement we reuse.
 from experiments.benchmarks import step_time
 
@@ -88,7 +90,8 @@ class Settings:
   ks: Tuple[int, ...] = (8, 16, 32)
   push_per_class: int = 1000
   min_bank_size_for_density: int = 1000
-  chunk_size: int = 1024
+  chunk_size: int = 256   # the library default since issue 17 (1024 before)
+  baseline_chunk_size: int = 1024   # the baseline revision's default
   exclude_classes: Tuple[int, ...] = (0,)
   ignore_fraction: float = 0.2
   model: str = "deeplabv3plus_resnet101"
@@ -226,17 +229,25 @@ def _push_kwargs(s: Settings, compute_dtype) -> dict:
               compute_dtype=compute_dtype)
 
 
-def make_dgcl_fns(s: Settings, compute_dtype) -> Dict[str, callable]:
+def _modules(lib: str):
+  """The DGCL modules of the package `lib` ('semijax', or a baseline's 'semijax_base')."""
+  return {name: importlib.import_module(f"{lib}.{path}") for name, path in (
+      ("ops", "ops"), ("fifo", "banks.fifo"), ("contrastive", "losses.contrastive"),
+      ("density", "sampling.density"), ("dgcl", "sampling.dgcl"))}
+
+
+def make_dgcl_fns(s: Settings, compute_dtype, lib: str = "semijax") -> Dict[str, callable]:
   """Name -> un-jitted fn(projections, features, labels, bank, rng) of the DGCL pieces.
 
   'total' is the measured quantity (loss value+grad, then push); the others are the
-  breakdown. Each returns the arrays a train step would consume.
+  breakdown. Each returns the arrays a train step would consume. `lib` names the package
+  (a baseline revision imported by `legacy.import_baseline` runs with its own chunk size).
   """
-  from semijax import ops  # pylint: disable=g-import-not-at-top
-  from semijax.banks import fifo  # pylint: disable=g-import-not-at-top
-  from semijax.losses import contrastive  # pylint: disable=g-import-not-at-top
-  from semijax.sampling import density as density_lib  # pylint: disable=g-import-not-at-top
-  from semijax.sampling import dgcl as dgcl_sampling  # pylint: disable=g-import-not-at-top
+  mods = _modules(lib)
+  ops, fifo, contrastive = mods["ops"], mods["fifo"], mods["contrastive"]
+  density_lib, dgcl_sampling = mods["density"], mods["dgcl"]
+  if lib != "semijax":
+    s = dataclasses.replace(s, chunk_size=s.baseline_chunk_size)
   lkw, pkw = _loss_kwargs(s, compute_dtype), _push_kwargs(s, compute_dtype)
 
   def loss_grad(projections, features, labels, bank, rng):
@@ -286,9 +297,12 @@ def make_dgcl_fns(s: Settings, compute_dtype) -> Dict[str, callable]:
     labels = labels.reshape(-1).astype(jnp.int32)
     c = bank.num_classes
     in_range = (labels != ops.IGNORE_INDEX) & (labels >= 0) & (labels < c)
+    num = min(s.num_negatives, labels.shape[0])
+    if hasattr(dgcl_sampling, "sample_negatives"):
+      return dgcl_sampling.sample_negatives(rng, labels, in_range, num_classes=c, num=num)
     cls_ids = jnp.arange(c, dtype=jnp.int32)[:, None]
     mask = in_range[None, :] & (labels[None, :] != cls_ids)
-    return ops.random_subset(rng, mask, min(s.num_negatives, labels.shape[0]))
+    return ops.random_subset(rng, mask, num)
 
   return {"total": total, "loss_grad": loss_grad, "push_bank": push, "sample": sample,
           "select_candidates": select_candidates, "candidate_density": candidate_density,
@@ -337,6 +351,7 @@ def make_model(s: Settings):
 
 def make_train_step(s: Settings, model):
   import optax  # pylint: disable=g-import-not-at-top
+
   from semijax.losses import supervised  # pylint: disable=g-import-not-at-top
   from semijax.methods import base  # pylint: disable=g-import-not-at-top
   tx = optax.chain(optax.add_decayed_weights(s.weight_decay),
@@ -666,6 +681,66 @@ def summarize(result: dict) -> dict:
   return result
 
 
+def compare_baseline(s: Settings, ref: str, *, reps: int = 5, measure_peak: bool = True) -> dict:
+  """The DGCL part (loss value+grad, then push; float32) of revision `ref` vs the working tree.
+
+  Both run on the same inputs and bank, compiled first, then timed alternately (old, new,
+  old, new, ... `reps` x `dgcl_inner` calls each), so a drift of the machine's speed hits
+  both alike. Each keeps pushing into its own copy of the bank, as a train step does.
+  """
+  from experiments.benchmarks import legacy  # pylint: disable=g-import-not-at-top
+  legacy.import_baseline(ref)
+  rng = np.random.default_rng(s.seed)
+  bank, centres = full_bank(s, rng)
+  projs, feats, labels, labels_np = dgcl_inputs(s, rng, centres)
+  result: dict = {"settings": dataclasses.asdict(s), "baseline": ref, "jax": jax.__version__,
+                  "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
+                  "loadavg_start": list(os.getloadavg()),
+                  "dgcl_labels": label_stats(labels_np, s.num_classes),
+                  "density_flops_new": density_flops(s, labels_np),
+                  "density_flops_old": density_flops(
+                      dataclasses.replace(s, chunk_size=s.baseline_chunk_size), labels_np)}
+  if measure_peak:
+    result["peak_before"] = step_time.machine_peak()
+  key = jax.random.key(s.seed)
+  entries = {}
+  for name, lib in (("old", "semijax_base"), ("new", "semijax")):
+    fifo = _modules(lib)["fifo"]
+    own = fifo.ClassBank(entries=dict(bank.entries), ptr=bank.ptr, count=bank.count)
+    state = {"bank": jax.tree.map(jnp.copy, own)}
+    fn = jax.jit(make_dgcl_fns(s, None, lib)["total"], donate_argnums=(3,))
+    t = time.perf_counter()
+    compiled = fn.lower(projs, feats, labels, state["bank"], key).compile()
+    compile_s = time.perf_counter() - t
+
+    def call(compiled=compiled, state=state, name=name):
+      loss, aux, grad, new_bank = compiled(projs, feats, labels, state["bank"],
+                                           jax.random.fold_in(key, len(entries[name].times)))
+      state["bank"], state["aux"] = new_bank, aux
+      return loss, grad, new_bank
+    entries[name] = _Entry(name, compiled, call, compiled_stats(compiled), compile_s)
+    entries[name].state = state
+    entries[name].time_once()
+    entries[name].times.clear()
+    _log(f"compiled {name} ({lib}) in {compile_s:.1f}s")
+  for r in range(reps):
+    for name in ("old", "new"):
+      for _ in range(s.dgcl_inner):
+        entries[name].time_once()
+    _log(f"round {r + 1}/{reps}: " + ", ".join(f"{n}={entries[n].times[-1]:.3f}s"
+                                               for n in ("old", "new")))
+  if measure_peak:
+    result["peak_after"] = step_time.machine_peak()
+  result["loadavg_end"] = list(os.getloadavg())
+  result["timings"] = {n: {**_summary(e.times), "compile_s": e.compile_s,
+                           "aux_last": {k: float(v) for k, v in e.state["aux"].items()}}
+                       for n, e in entries.items()}
+  old, new = result["timings"]["old"], result["timings"]["new"]
+  result["speedup_median"] = old["median_s"] / new["median_s"]
+  result["speedup_min"] = old["min_s"] / new["min_s"]
+  return result
+
+
 def main(argv):
   del argv
   cli.setup()
@@ -678,6 +753,8 @@ def main(argv):
   if FLAGS.from_json:
     with open(FLAGS.from_json) as f:
       result = summarize(json.load(f))
+  elif FLAGS.baseline:
+    result = compare_baseline(s, FLAGS.baseline, reps=FLAGS.reps)
   else:
     result = run(s)
   cli.report_json(result, FLAGS.out)

@@ -43,6 +43,60 @@ def run_one(method: str, split: str, seed: int, workdir: str, overrides: dict = 
   return loop.train_and_evaluate(config, workdir)
 
 
+DIAGNOSTICS = ("pl/precision", "pl/coverage", "contrast/anchors_precision",
+               "contrast/positive_keys_precision", "contrast/negatives_precision")
+
+
+def diagnostics(workdir: str, warmup_steps: int) -> dict:
+  """The pseudo-label diagnostics of a run at the start and end of its semi-supervised phase.
+
+  Reads `metrics.jsonl`: the first logging window after the warm-up and the last one.
+
+  Returns:
+    `{name: [start, end]}` for each of `DIAGNOSTICS` the run logged (as fractions).
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  windows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if record.get("step", 0) > warmup_steps and "train/pl/precision" in record:
+        windows.append(record)
+  if not windows:
+    return {}
+  return {k: [windows[0][f"train/{k}"], windows[-1][f"train/{k}"]] for k in DIAGNOSTICS
+          if f"train/{k}" in windows[0] and f"train/{k}" in windows[-1]}
+
+
+def diagnostics_table(rows: list) -> str:
+  """Markdown: per method and split, the diagnostics' seed means, start -> end of the phase."""
+  lines = ["| method | labels | pseudo-label precision | coverage | contrastive anchors / "
+           "positives / negatives right |", "|---|---|---|---|---|"]
+  keys = sorted({(r["method"], r["split"]) for r in rows if r.get("diagnostics")},
+                key=lambda k: ([r["method"] for r in rows].index(k[0]), k[1]))
+  for method, split in keys:
+    diags = [r["diagnostics"] for r in rows if (r["method"], r["split"]) == (method, split)
+             and r.get("diagnostics")]
+
+    def cell(name):
+      vals = [d[name] for d in diags if name in d]
+      if not vals:
+        return None
+      start, end = np.mean([v[0] for v in vals]), np.mean([v[1] for v in vals])
+      return f"{100 * start:.1f} → {100 * end:.1f}"
+    contrast = [cell(f"contrast/{n}_precision") for n in ("anchors", "positive_keys",
+                                                          "negatives")]
+    contrast = " / ".join(c for c in contrast if c) or "—"
+    lines.append(f"| {method} | {split} | {cell('pl/precision') or '—'} | "
+                 f"{cell('pl/coverage') or '—'} | {contrast} |")
+  return "\n".join(lines)
+
+
 def table(rows: list) -> str:
   """Markdown table: one row per method, one column per split, mean +- std (n)."""
   splits = sorted({r["split"] for r in rows}, key=lambda s: (s == "full", s))
@@ -109,8 +163,10 @@ def main(argv):
     workdir = os.path.join(FLAGS.grid_dir, f"{method}_{split.replace('/', '_')}_seed{seed}")
     print(f"=== {method} {split} seed {seed} -> {workdir}", flush=True)
     res = run_one(method, split, seed, workdir)
-    rows.append({k: res[k] for k in ("method", "split", "seed", "miou_teacher", "miou_student",
-                                     "train_seconds", "per_class_iou_teacher")})
+    row = {k: res[k] for k in ("method", "split", "seed", "miou_teacher", "miou_student",
+                               "train_seconds", "per_class_iou_teacher")}
+    row["diagnostics"] = diagnostics(workdir, res.get("warmup_steps", 0))
+    rows.append(row)
   md = table(rows)
   # Each method against each baseline present; the baselines' own comparison listed once.
   baselines = [m for m in ("supervised", "mean_teacher") if any(r["method"] == m for r in rows)]

@@ -3,6 +3,9 @@
     python -m experiments.benchmarks.step_time --preset=demo --out=results/step_time_demo.json
     python -m experiments.benchmarks.step_time --preset=r101_cpu --out=results/step_time_r101.json
     python -m experiments.benchmarks.step_time --config=experiments/configs/dgcl.py:split=1/8
+    # the same preset before issue 17 (git revision) and now, timed alternately:
+    python -m experiments.benchmarks.step_time --preset=demo --baseline=12589ec \
+        --out=results/step_time_demo_vs_baseline.json
 
 In the same process it measures float32 matmul and conv throughput (best of several
 repetitions, before and after the step timings, since CPU throughput here drifts by up to
@@ -22,7 +25,6 @@ from ml_collections import config_flags
 
 from experiments import cli
 
-flags.DEFINE_enum("preset", None, ["demo", "r101_cpu"], "A named benchmark entry.")
 flags.DEFINE_integer("steps", 10, "Timed steady-state steps (after one warm-up step).")
 config_flags.DEFINE_config_file("config", None, "Config file (path.py:args).",
                                 lock_config=True)
@@ -37,6 +39,10 @@ PRESETS = {
         "data.crop_size": 321, "data.labeled_batch": 2, "data.unlabeled_batch": 2,
         "train.num_devices": 1}),
 }
+
+
+if "preset" not in flags.FLAGS:   # the accelerator benchmark defines one too
+  flags.DEFINE_enum("preset", None, list(PRESETS), "A named benchmark entry.")
 
 
 def _best_time(fn, reps: int) -> float:
@@ -77,10 +83,16 @@ def synthetic_batch(config, num_classes: int, uses_unlabeled: bool, seed: int = 
   return batch
 
 
-def compile_step(config):
-  """The config's compiled train step, a fresh state and a synthetic batch, plus its facts."""
-  from semijax import parallel  # pylint: disable=g-import-not-at-top
-  from semijax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
+def compile_step(config, lib: str = "semijax"):
+  """The config's compiled train step, a fresh state and a synthetic batch, plus its facts.
+
+  `lib` names the package: 'semijax', or a baseline revision's `semijax_base`
+  (`legacy.import_baseline`).
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  parallel = importlib.import_module(f"{lib}.parallel")
+  loop = importlib.import_module(f"{lib}.train.loop")
+  step_lib = importlib.import_module(f"{lib}.train.step")
   run = loop.Run(config, "/tmp/semijax-benchmark")
   state = run.init_state()
   batch = parallel.put_batch(synthetic_batch(config, run.info.num_classes,
@@ -119,20 +131,66 @@ def benchmark_step(config, steps: int) -> dict:
           "step_seconds_min": float(np.min(times))}
 
 
+def preset_config(preset: str, configs: str = "experiments"):
+  """A preset's config from the `configs` package ('experiments' or a baseline's)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  name, overrides = PRESETS[preset]
+  config = importlib.import_module(f"{configs}.configs.{name}").get_config("")
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def compare_baseline(preset: str, ref: str, *, steps: int, rounds: int) -> dict:
+  """The preset's step at revision `ref` and in the working tree, timed alternately."""
+  from experiments.benchmarks import legacy  # pylint: disable=g-import-not-at-top
+  legacy.import_baseline(ref)
+  runs = {}
+  for name, lib, configs in (("old", "semijax_base", "experiments_base"),
+                             ("new", "semijax", "experiments")):
+    compiled, state, batch, info = compile_step(preset_config(preset, configs), lib)
+    runs[name] = [compiled, state, batch, info, []]
+    print(f"compiled {name}: {info['compile_seconds']:.1f} s", flush=True)
+  before = machine_peak()
+  for _ in range(rounds):
+    for r in runs.values():
+      r[1], times = time_steps(r[0], r[1], r[2], steps)
+      r[4].extend(times)
+  after = machine_peak()
+  peak = {k: max(before[k], after[k]) for k in before}
+  out = {"preset": preset, "baseline": ref, "rounds": rounds, "steps": steps,
+         "peak_before": before, "peak_after": after, "jax": jax.__version__,
+         "cpu_count": os.cpu_count(), "load_average_at_end": list(os.getloadavg())}
+  for name, (_, _, _, info, times) in runs.items():
+    med = float(np.median(times))
+    achieved = info["step_flops"] / med / 1e9
+    out[name] = {**info, "step_seconds_median": med, "step_seconds_min": float(np.min(times)),
+                 "achieved_gflops": achieved,
+                 "fraction_of_matmul_peak": achieved / peak["matmul_gflops"],
+                 "fraction_of_conv_peak": achieved / peak["conv_gflops"]}
+  out["speedup_median"] = out["old"]["step_seconds_median"] / out["new"]["step_seconds_median"]
+  out["fraction_of_peak_ratio"] = (out["new"]["fraction_of_matmul_peak"]
+                                   / out["old"]["fraction_of_matmul_peak"])
+  return out
+
+
 def main(argv):
   del argv
   cli.setup()
+  if FLAGS.preset and FLAGS.preset not in PRESETS:
+    raise app.UsageError(f"--preset={FLAGS.preset}; expected one of {sorted(PRESETS)}")
+  # --baseline (a git revision) and --rounds are the package's shared flags.
+  if FLAGS.preset and FLAGS.baseline:
+    cli.report_json(compare_baseline(FLAGS.preset, FLAGS.baseline, steps=FLAGS.steps,
+                                     rounds=FLAGS.rounds), FLAGS.out)
+    return
   if FLAGS.preset:
-    import importlib  # pylint: disable=g-import-not-at-top
-    name, overrides = PRESETS[FLAGS.preset]
-    config = importlib.import_module(f"experiments.configs.{name}").get_config("")
-    with config.unlocked():
-      for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-          node = node[p]
-        node[leaf] = value
+    config = preset_config(FLAGS.preset)
   elif FLAGS.config is not None:
     config = FLAGS.config
   else:

@@ -1,8 +1,9 @@
-"""Base config: every field of every run, each with a one-line comment.
+"""Base config: every field every run shares, each with a one-line comment.
 
-Method/dataset files import `get_config()` from here and override only what differs. The
-ConfigDict is locked, so a misspelt key (in a file or on the command line) is an error that
-lists the valid keys.
+Method files (`experiments/configs/<method>.py`) start from `get_config()`, merge their
+method's own block, its pseudo-label rule's and its terms' (`semijax.methods.configure`: the
+blocks live with the method) and override only what differs. The ConfigDict is locked, so a
+misspelt key (in a file or on the command line) is an error that lists the valid keys.
 
     python -m experiments.train --config=experiments/configs/supervised.py:split=1/16 \
         --workdir=runs/sup_1_16
@@ -16,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0                          # init, data order, augmentation and every per-step random choice
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "supervised"        # supervised | mean_teacher | dgcl | dssn
+  c.method.name = "supervised"        # a registered method (semijax.methods.names()); its block is merged in by its config file
+  c.method.terms = ()                 # extra loss terms of a teacher-student method (semijax.methods.terms)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "embedded"         # embedded | voc | cityscapes | folder
@@ -31,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.base_size = 0                # resize the long side to this before scaling (0: keep; CAC uses it)
   c.data.flip = False                 # random horizontal flip (off for digits: mirrored digits are other glyphs)
   c.data.labeled_batch = 16           # global labeled batch per step (all devices and processes)
-  c.data.unlabeled_batch = 8          # global unlabeled batch per step (ignored by supervised; embedded: 8 to fit the CPU budget)
+  c.data.unlabeled_batch = 16         # global unlabeled batch per step (ignored by supervised; the papers: = labeled_batch)
   c.data.num_workers = 0              # grain worker processes (0: in the main process)
   c.data.eval_batch = 64              # global eval batch
   c.data.eval_size = ()               # pad eval images to (H, W) so batches share one shape; () keeps sizes
@@ -52,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "deeplabv3plus_small"   # semijax.models.registry names
   c.model.dtype = "float32"           # compute dtype: bfloat16 on accelerators (params stay float32)
-  c.model.pretrained = ""             # torchvision/deep-stem backbone weights (.safetensors or .pth)
+  c.model.pretrained = ""             # backbone weights: a .safetensors/.pth file, "embedded" (shipped; embedded configs) or "" / "none"
+  c.model.remat = "none"              # none | blocks (keep conv outputs only) | full (keep block inputs): trade compute for memory
   c.model.kwargs = ml_collections.ConfigDict()    # backbone/segmenter arguments (stem, output_stride, ...)
   c.model.kwargs.widths = (32, 64, 96, 128)       # small backbone stage widths
   c.model.kwargs.stem_width = 32      # small backbone stem width
@@ -99,60 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.window = 0                   # sliding window side
   c.eval.stride = 0                   # sliding window stride (0: ceil(2/3 window))
 
-  c.mean_teacher = ml_collections.ConfigDict()
-  c.mean_teacher.unsup_weight = 1.0   # lambda_u
-  c.mean_teacher.conf_threshold = 0.95  # teacher confidence needed for a pseudo-label
-  c.mean_teacher.strong_augment = "unimatch"  # photometric preset of the strong view
-  c.mean_teacher.cutmix = True        # CutMix on the strong view
-  c.mean_teacher.cutmix_prob = 0.5    # per-image CutMix probability
-  c.mean_teacher.rampup_steps = 0     # linear ramp of the unsupervised weight after warm-up
-
-  # DGCL (Wang et al. 2023); defaults = the official code's VOC recipe (paper values: preset=paper).
-  c.dgcl = ml_collections.ConfigDict()
-  c.dgcl.unsup_weight = 0.5           # lambda_u (paper 1)
-  c.dgcl.contra_weight = 0.5          # lambda_c (paper 1; official effective weight 0.5 / #GPUs)
-  c.dgcl.drop_percent = 20.0          # beta_0: % highest-entropy pseudo-labels dropped, decays to 0
-  c.dgcl.contra_label_filter = True   # separate entropy filter for contrastive labels (official, not in paper)
-  c.dgcl.contra_drop_percent = 80.0   # alpha_0 of that filter: max(alpha_0 (1 - progress), alpha_min)
-  c.dgcl.contra_drop_min = 10.0       # alpha_min
-  c.dgcl.steps_per_epoch = 0          # >0: progress advances per epoch as the official code (0: per step)
-  c.dgcl.cutmix_prob = 0.5            # probability that a batch is CutMixed (U2PL half-image box)
-  c.dgcl.strong_augment = "none"      # photometric preset on the strong view (official: none)
-  c.dgcl.unsup_reduction = "u2pl"     # selected | all | u2pl: the official U2PL-weighted CE
-  c.dgcl.projection_dim = 256         # projection head width (Linear-BN-ReLU-Linear on decoder features)
-  c.dgcl.num_anchors = 200            # N_q lowest-density anchors per class (paper 256)
-  c.dgcl.num_batch_keys = 50          # highest-density positive keys from the batch (paper 256)
-  c.dgcl.num_bank_keys = 50           # highest-density positive keys from the bank (paper 256)
-  c.dgcl.num_negatives = 512          # R- random negatives from other classes of the batch
-  c.dgcl.temperature = 0.5            # tau
-  c.dgcl.ks = (8, 16, 32)             # multi-scale kNN sizes of the density (eqs. 7-8)
-  c.dgcl.loss_form = "supcon"         # supcon: positive in the denominator (official) | paper (eq. 13)
-  c.dgcl.exclude_classes = (0,)       # classes never used as anchors (official: 0, also on Cityscapes)
-  c.dgcl.wait_for_full_bank = True    # loss is 0 until every class bank is full (official)
-  c.dgcl.bank_size = 10000            # bank capacity per class
-  c.dgcl.push_per_class = 1000        # pixels pushed per class per step (random subset)
-  c.dgcl.min_bank_size_for_density = 1000   # stored density is computed only above this fill (else 0)
-  c.dgcl.max_pixels_per_class = 10000 # candidate pixels per class considered per step (random subset)
-
-  # DSSN (Tian et al. 2023); defaults = the official code's VOC recipe.
-  c.dssn = ml_collections.ConfigDict()
-  c.dssn.w2s_weight = 0.25            # gamma_2: weak-to-strong CE terms (image and feature level)
-  c.dssn.consistency_weight = 0.01    # gamma_1: dual-level consistency terms
-  c.dssn.overall_scale = 0.5          # official overall factor 1/2 on the whole loss (paper: 1)
-  c.dssn.pseudo_rule = "cplg"         # cplg (VOC) | confidence (fixed threshold; Cityscapes: 0)
-  c.dssn.cplg_ratio = 0.96            # r: tau_j = r * m_j for a class peaking above tau_low
-  c.dssn.cplg_tau_low = 0.92          # tau_low: classes peaking at or below it select nothing
-  c.dssn.cplg_rule = "official"       # official | max: tau_j = max(r * m_j, tau_low)
-  c.dssn.conf_threshold = 0.95        # fixed threshold when pseudo_rule = confidence
-  c.dssn.image_level_views = 2        # strong views per unlabeled image (1 disables L_cl^ls)
-  c.dssn.feature_level = True         # feature-level siamese branch (channel dropout)
-  c.dssn.feature_dropout = 0.5        # Dropout2d rate on low- and high-level features
-  c.dssn.consistency_image = True     # L_cl^ls between the two strong views (Table 5)
-  c.dssn.consistency_feature = True   # L_cl^hs between the two dropout views (Table 5)
-  c.dssn.consistency_form = "standardized_mse"  # standardized_mse (official) | l2 (paper eqs. 10, 14)
-  c.dssn.strong_augment = "dssn"      # photometric preset of the strong views
-  c.dssn.cutmix_prob = 0.5            # per-view, per-image CutMix probability
-  c.dssn.w2s_start_step = 1           # image-level w2s terms start here (official: after step 0)
+  # What a run measures beyond its losses (semijax.methods.diagnostics).
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.pseudo_label_metrics = True   # precision/coverage vs the unlabeled images' hidden masks, when they exist
+  c.diagnostics.oracle_pseudo_labels = False  # teach the unlabeled losses the true masks instead of the teacher's (oracle)
 
   # The recipe a config reproduces (published setting); the run warns when it differs.
   c.recipe = ml_collections.ConfigDict()

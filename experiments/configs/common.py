@@ -5,13 +5,16 @@ A config file's `get_config(arg)` receives the text after the colon in
 `dataset=voc,protocol=classic,split=732,root=/data/VOC2012`.
 """
 
+from typing import Optional, Tuple
+
 import ml_collections
 
 from experiments.configs import recipes
+from semijax import methods
 
 # Arguments every config accepts, with their defaults.
 COMMON_ARGS = dict(split="1/16", split_seed=0, seed=0, smoke=False, dataset="embedded",
-                   protocol="", root="")
+                   protocol="", root="", terms="")
 
 DATASETS = ("embedded",) + recipes.DATASETS
 
@@ -40,6 +43,20 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def terms(args) -> Optional[Tuple[str, ...]]:
+  """The `terms=a+b` argument: None (the method's own), () for `terms=none`, else the names."""
+  if not args.terms:
+    return None
+  if args.terms == "none":
+    return ()
+  return tuple(t for t in args.terms.split("+") if t)
+
+
+def method(c: ml_collections.ConfigDict, name: str, args) -> ml_collections.ConfigDict:
+  """`semijax.methods.configure` with the `terms=` argument (a ValueError names bad ones)."""
+  return methods.configure(c, name, terms=terms(args))
+
+
 def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict, *,
                  voc=None, cityscapes=None, official=None):
   """Sets dataset, split and seeds from the arguments, then applies the smoke shrink.
@@ -59,19 +76,37 @@ def apply_common(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict, 
   c.seed = args.seed
   if args.dataset == "embedded":
     if args.protocol or args.root:
-      raise ValueError("protocol= and root= apply to dataset=voc|cityscapes; the embedded data "
-                       "takes split=1/16|1/8|1/4|1/2|full")
+      raise ValueError("protocol= and root= apply to dataset=voc|cityscapes|folder; the embedded "
+                       "data takes split=1/16|1/8|1/4|1/2|full")
+    c.data.split = args.split
+    # The embedded benchmark starts from the shipped pretrained backbone (the papers' ImageNet
+    # start, BUILD_NOTES "Embedded benchmark regime"); `--config.model.pretrained=none` trains
+    # from scratch.
+    c.model.pretrained = "embedded"
+  elif args.dataset == "folder":
+    # A custom folder (semijax/data/folder.py): split= is a fraction (1/8, 0.125, full) or
+    # `explicit` (dataset.json's splits.labeled); the base config's model and schedule apply.
+    if args.protocol:
+      raise ValueError("protocol= applies to dataset=voc|cityscapes; dataset=folder takes "
+                       "root=<folder with dataset.json> and split=<fraction like 1/8>|explicit")
+    if not args.root:
+      raise ValueError("dataset=folder needs root=<the folder holding dataset.json, images/ and "
+                       "masks/>, e.g. dataset=folder,root=/data/my_set,split=1/8")
+    if args.split != "explicit":
+      from semijax.data.datasets import parse_fraction  # pylint: disable=g-import-not-at-top
+      parse_fraction(args.split, name="split")   # refuse a bad fraction now, naming it
+    c.data.dataset = "folder"
     c.data.split = args.split
   elif args.dataset == "voc":
     recipes.voc(c, args.protocol, args.split, recipe=voc)
   elif args.dataset == "cityscapes":
     recipes.cityscapes(c, args.split, protocol=args.protocol, recipe=cityscapes)
   else:
-    raise ValueError(f"dataset={args.dataset!r}; valid: {', '.join(DATASETS)}")
+    raise ValueError(f"dataset={args.dataset!r}; valid: {', '.join(DATASETS + ('folder',))}")
   if args.dataset != "embedded":
     c.data.root = args.root
-    if official is not None:
-      official(c)
+  if args.dataset in recipes.DATASETS and official is not None:
+    official(c)
   if args.smoke:
     smoke(c)
   return c
@@ -97,9 +132,13 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # The recipes' epoch-long schedules would outlast the 4 steps.
     c.train.supervised_warmup_steps = min(c.train.supervised_warmup_steps, 1)
     c.ema.copy_steps = min(c.ema.copy_steps, 1)
-    c.dssn.w2s_start_step = min(c.dssn.w2s_start_step, 1)
-    c.dgcl.steps_per_epoch = min(c.dgcl.steps_per_epoch, 1)
+    if "pseudo_label" in c:
+      for rule in c.pseudo_label.values():
+        if hasattr(rule, "keys") and "steps_per_epoch" in rule:
+          rule.steps_per_epoch = min(rule.steps_per_epoch, 1)
+  methods.smoke(c)
   if c.model.name == "deeplabv3plus_small":
     c.model.kwargs.widths = (8, 8, 16, 16)
     c.model.kwargs.stem_width = 8
+    c.model.pretrained = ""   # the shipped weights are for the full-size small model
   return c

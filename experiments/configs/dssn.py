@@ -31,16 +31,15 @@ def official(c):
   """`city/DSSN.py`: no CPLG (threshold 0: every pixel) and, for the first 5 epochs, no s1/s2
   terms and a teacher that copies the student. VOC keeps the defaults (first step only)."""
   if c.data.dataset == "cityscapes":
-    c.dssn.pseudo_rule = "confidence"
-    c.dssn.conf_threshold = 0.0
+    c.pseudo_label.rule = "confidence"
+    c.pseudo_label.confidence.threshold = 0.0
     c.dssn.w2s_start_step = 5 * c.recipe.steps_per_epoch
     c.ema.copy_steps = 5 * c.recipe.steps_per_epoch
 
 
 def get_config(arg: str = ""):
   args = common.parse_arg(arg)
-  c = base.get_config()
-  c.method.name = "dssn"
+  c = common.method(base.get_config(), "dssn", args)
   c.ema.decay = 0.996
   c.ema.warmup = "none"
   c.ema.copy_steps = 1       # official: EMA rate 0 at the very first step

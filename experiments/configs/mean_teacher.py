@@ -14,6 +14,5 @@ from experiments.configs import base, common
 
 def get_config(arg: str = ""):
   args = common.parse_arg(arg)
-  c = base.get_config()
-  c.method.name = "mean_teacher"
+  c = common.method(base.get_config(), "mean_teacher", args)
   return common.apply_common(c, args)

@@ -57,6 +57,8 @@ class Recipe:
     drop_last: the training DataLoader drops the last partial batch.
     model: `semijax.models.registry` name.
     model_kwargs: further backbone / DeepLabv3+ arguments (`model.kwargs`).
+    remat: `model.remat` that fits an 80 GB device at `per_gpu_batch` (the issue-17 memory
+      table, `experiments/benchmarks/memory.py`; 'none' where nothing needs recomputing).
   """
   source: str
   gpus: int
@@ -79,6 +81,7 @@ class Recipe:
   drop_last: bool = True
   model: str = "deeplabv3plus_resnet101"
   model_kwargs: dict = dataclasses.field(default_factory=dict)
+  remat: str = "none"
 
   @property
   def global_batch(self) -> int:
@@ -161,6 +164,9 @@ def apply(c: ml_collections.ConfigDict, dataset: str, protocol: str, split,
 
   c.model.name = recipe.model
   c.model.dtype = "bfloat16"   # compute dtype on accelerators; params and losses stay float32
+  # Fits 80 GB per device at the recipe's per-GPU batch; fewer devices than the recipe's need
+  # more (the trainer warns from `semijax.models.memory` before compiling).
+  c.model.remat = recipe.remat
   kwargs = dict(stem="deep", output_stride=recipe.output_stride, **recipe.model_kwargs)
   if recipe.multi_grid:
     kwargs["multi_grid"] = tuple(recipe.multi_grid)

@@ -29,8 +29,7 @@ RECIPES = {"u2pl": (recipes.U2PL_SUPONLY_VOC, recipes.U2PL_SUPONLY_CITYSCAPES),
 
 def get_config(arg: str = ""):
   args = common.parse_arg(arg, recipe="")
-  c = base.get_config()
-  c.method.name = "supervised"
+  c = common.method(base.get_config(), "supervised", args)
   if args.dataset == "embedded" and args.recipe:
     raise ValueError("recipe= applies to dataset=voc|cityscapes")
   if args.recipe not in ("",) + tuple(RECIPES):

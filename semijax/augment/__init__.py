@@ -5,6 +5,7 @@ here runs per image inside the jitted train step from a JAX key. The mixing func
 is `semijax.augment.mix.mix(mask, a, b)` (the name `mix` here is the module).
 """
 
+from semijax.augment import alonso as alonso
 from semijax.augment import feature, mix, photometric
 from semijax.augment.feature import channel_dropout
 from semijax.augment.mix import (apply_batch_prob, classmix_mask, cutmix_box, cutmix_box_u2pl,

@@ -2,9 +2,14 @@
 
 Images are float RGB in [0, 1], NHWC `[B, H, W, 3]`. Every random function takes a PRNG
 key and draws its parameters independently for each image of the batch, with static
-shapes only (an op that is "not applied" to an image is computed and discarded with
-`jnp.where`), so the same `(seed, step)` key gives the same views on any backend and a
+shapes only, so the same `(seed, step)` key gives the same views on any backend and a
 second strong view costs no host work.
+
+Only the ops an image gets are computed: the random functions run over the images one at a
+time (`lax.map`) and pick each image's op with `lax.switch` / `lax.cond` (a `vmap` would turn
+those into selects that compute every branch). A DSSN strong view thus costs about the 1-3
+ops it applies instead of all 11 per slot (issue 17: the earlier batched version computed
+every op for every image and kept one with `jnp.where`; same parameters, same arithmetic).
 
 Semantics follow what the reference codebases run, which is torchvision's `ColorJitter`,
 `RandomGrayscale` and PIL's `ImageFilter`/`ImageOps`/`ImageEnhance` on uint8 PIL images:
@@ -75,14 +80,6 @@ def _blend(a: jax.Array, b: jax.Array, factor: jax.Array) -> jax.Array:
   return jnp.clip(factor * a + (1.0 - factor) * b, 0.0, 1.0)
 
 
-def _select(index: jax.Array, candidates: Sequence[jax.Array]) -> jax.Array:
-  """Per image, `candidates[index[b]][b]`; `index` is `[B]` int."""
-  out = candidates[0]
-  for i, candidate in enumerate(candidates[1:], start=1):
-    out = jnp.where((index == i)[:, None, None, None], candidate, out)
-  return out
-
-
 def _as_float(images: jax.typing.ArrayLike) -> jax.Array:
   return jnp.asarray(images, jnp.float32)
 
@@ -100,6 +97,29 @@ def _uniform_int(u: jax.Array, low, high) -> jax.Array:
 def _quantize(images: jax.Array) -> jax.Array:
   """Float [0, 1] to the 8-bit levels `round(255 x)` as int32."""
   return jnp.clip(jnp.round(images * 255.0), 0, 255).astype(jnp.int32)
+
+
+def _map_images(fn, images: jax.Array, pad: _OptArray, *args) -> jax.Array:
+  """`fn(image [1, H, W, 3], pad [1, H, W] or None, *args_b)` for each image b in turn.
+
+  Every leaf of `args` has a leading batch axis (`[B, ...]`); `fn` receives row b with a
+  batch axis of 1 and returns `[1, H, W, 3]`. Sequential (`lax.map`), so that `lax.switch` and
+  `lax.cond` inside `fn` compute only the branch an image takes.
+  """
+  has_pad = pad is not None
+  pads = jnp.asarray(pad, bool) if has_pad else jnp.zeros((images.shape[0], 0), bool)
+
+  def one(row):
+    x, p, rest = row
+    out = fn(x[None], p[None] if has_pad else None, *jax.tree.map(lambda a: a[None], rest))
+    return out[0]
+
+  return lax.map(one, (images, pads, jax.tree.map(jnp.asarray, tuple(args))))
+
+
+def _when(flag: jax.Array, fn, x: jax.Array) -> jax.Array:
+  """`fn(x)` if the scalar `flag` (a `[1]` array) is set, else `x`; only one is computed."""
+  return lax.cond(jnp.reshape(flag, ()), fn, lambda v: v, x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -559,19 +579,27 @@ def apply_color_jitter(images: jax.typing.ArrayLike, order: jax.typing.ArrayLike
     `[B, H, W, 3]` float32.
   """
   images = _as_float(images)
-  order = jnp.asarray(order, jnp.int32)
-  factors = jnp.asarray(factors, jnp.float32)
-  ops = (adjust_brightness, lambda x, f: adjust_contrast(x, f, pad=pad), adjust_saturation,
+  batch = images.shape[0]
+  apply = jnp.ones((batch,), bool) if apply is None else jnp.asarray(apply, bool)
+  enabled = tuple(bool(e) for e in enabled)
+  return _map_images(lambda x, p, o, f, a: _color_jitter_one(x, o, f, a, pad=p,
+                                                             enabled=enabled),
+                     images, pad, jnp.asarray(order, jnp.int32),
+                     jnp.asarray(factors, jnp.float32), apply)
+
+
+def _color_jitter_one(x, order, factors, apply, *, pad, enabled):
+  """`apply_color_jitter` on one image (`[1, ...]` arguments), computing only its ops."""
+  ops = (adjust_brightness, lambda v, f: adjust_contrast(v, f, pad=pad), adjust_saturation,
          adjust_hue)
+  branches = [(lambda v, f, j=j: ops[j](v, f[:, j])) if enabled[j] else (lambda v, f: v)
+              for j in range(4)]
 
-  def stage(i, x):
-    candidates = [ops[j](x, factors[:, j]) if enabled[j] else x for j in range(4)]
-    return _select(lax.dynamic_index_in_dim(order, i, axis=1, keepdims=False), candidates)
+  def jitter(v):
+    return lax.fori_loop(0, 4, lambda i, v: lax.switch(order[0, i], branches, v, factors), v)
 
-  out = lax.fori_loop(0, 4, stage, images) if any(enabled) else images
-  if apply is not None:
-    out = jnp.where(jnp.asarray(apply, bool)[:, None, None, None], out, images)
-  return _restore_pad(out, images, pad)
+  out = _when(apply, jitter, x) if any(enabled) else x
+  return _restore_pad(out, x, pad)
 
 
 def _color_jitter_u(u, images, *, brightness, contrast, saturation, hue, p, pad):
@@ -579,6 +607,13 @@ def _color_jitter_u(u, images, *, brightness, contrast, saturation, hue, p, pad)
                                              saturation=saturation, hue=hue, p=p)
   enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
   return apply_color_jitter(images, order, factors, apply, pad=pad, enabled=enabled)
+
+
+def _color_jitter_one_u(u, x, *, brightness, contrast, saturation, hue, p, pad):
+  order, factors, apply = _color_jitter_from(u, brightness=brightness, contrast=contrast,
+                                             saturation=saturation, hue=hue, p=p)
+  enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+  return _color_jitter_one(x, order, factors, apply, pad=pad, enabled=enabled)
 
 
 def color_jitter(rng: jax.Array, images: jax.typing.ArrayLike, *, brightness: float = 0.0,
@@ -605,9 +640,12 @@ def color_jitter(rng: jax.Array, images: jax.typing.ArrayLike, *, brightness: fl
                          saturation=saturation, hue=hue, p=p, pad=pad)
 
 
+def _grayscale_one(u, x, *, p, pad):
+  return _restore_pad(_when(u[:, 0] < p, grayscale, x), x, pad)
+
+
 def _grayscale_u(u, images, *, p, pad):
-  out = jnp.where((u[:, 0] < p)[:, None, None, None], grayscale(images), images)
-  return _restore_pad(out, images, pad)
+  return _map_images(lambda x, m, ub: _grayscale_one(ub, x, p=p, pad=m), images, pad, u)
 
 
 def random_grayscale(rng: jax.Array, images: jax.typing.ArrayLike, *, p: float,
@@ -639,13 +677,18 @@ def gaussian_blur_params(rng: jax.Array, batch: int, *, p: float,
   return _gaussian_blur_from(_uniforms(rng, batch, 2), p=p, sigma_range=sigma_range)
 
 
+def _gaussian_blur_one(u, x, *, p, sigma_range, method="pil", truncate=4.0, border="edge",
+                       pad=None):
+  apply, sigma = _gaussian_blur_from(u, p=p, sigma_range=sigma_range)
+  out = _when(apply, lambda v: blur(v, sigma, sigma_max=sigma_range[1], method=method,
+                                    truncate=truncate, border=border), x)
+  return _restore_pad(out, x, pad)
+
+
 def _gaussian_blur_u(u, images, *, p, sigma_range, method="pil", truncate=4.0, border="edge",
                      pad=None):
-  apply, sigma = _gaussian_blur_from(u, p=p, sigma_range=sigma_range)
-  out = jnp.where(apply[:, None, None, None],
-                  blur(images, sigma, sigma_max=sigma_range[1], method=method,
-                       truncate=truncate, border=border), images)
-  return _restore_pad(out, images, pad)
+  kw = dict(p=p, sigma_range=sigma_range, method=method, truncate=truncate, border=border)
+  return _map_images(lambda x, m, ub: _gaussian_blur_one(ub, x, pad=m, **kw), images, pad, u)
 
 
 def gaussian_blur(rng: jax.Array, images: jax.typing.ArrayLike, *, p: float,
@@ -714,40 +757,81 @@ def dssn_ops_params(rng: jax.Array, batch: int, *, num_ops: int = 3,
                         random_num=random_num)
 
 
+def _dssn_branches(pad):
+  """One function per `DSSN_OPS` entry: `(images, magnitudes) -> images` (for `lax.switch`)."""
+  return [
+      lambda x, m: x,
+      lambda x, m: autocontrast(x, pad=pad),
+      lambda x, m: equalize(x, pad=pad),
+      lambda x, m: blur(x, m["sigma"], sigma_max=2.0),
+      lambda x, m: adjust_contrast(x, m["enhance"], pad=pad),
+      lambda x, m: adjust_brightness(x, m["enhance"]),
+      lambda x, m: adjust_saturation(x, m["enhance"]),
+      lambda x, m: adjust_sharpness(x, m["enhance"]),
+      lambda x, m: posterize(x, m["bits"]),
+      lambda x, m: solarize(x, m["threshold"]),
+      lambda x, m: adjust_hue(x, m["hue"]),
+  ]
+
+
+_MAGNITUDES = ("enhance", "sigma", "bits", "threshold", "hue")
+
+
+def _dssn_op_one(x, op, magnitudes, *, pad):
+  """`apply_dssn_op` on one image: only `DSSN_OPS[op]` is computed."""
+  out = lax.switch(jnp.reshape(op, ()), _dssn_branches(pad), x, magnitudes)
+  return _restore_pad(out, x, pad)
+
+
 def apply_dssn_op(images: jax.typing.ArrayLike, op: jax.typing.ArrayLike, *, enhance, sigma,
                   bits, threshold, hue, pad: _OptArray = None) -> jax.Array:
-  """Applies `DSSN_OPS[op[b]]` with the given magnitudes to each image b (all `[B]`)."""
+  """Applies `DSSN_OPS[op[b]]` with the given magnitudes to each image b (all `[B]`).
+
+  Only each image's own op is computed (per-image `lax.switch`).
+  """
   images = _as_float(images)
-  candidates = {
-      "identity": images,
-      "autocontrast": autocontrast(images, pad=pad),
-      "equalize": equalize(images, pad=pad),
-      "blur": blur(images, sigma, sigma_max=2.0),
-      "contrast": adjust_contrast(images, enhance, pad=pad),
-      "brightness": adjust_brightness(images, enhance),
-      "color": adjust_saturation(images, enhance),
-      "sharpness": adjust_sharpness(images, enhance),
-      "posterize": posterize(images, bits),
-      "solarize": solarize(images, threshold),
-      "hue": adjust_hue(images, hue),
-  }
-  out = _select(jnp.asarray(op, jnp.int32), [candidates[name] for name in DSSN_OPS])
-  return _restore_pad(out, images, pad)
+  batch = images.shape[0]
+  magnitudes = dict(
+      enhance=jnp.broadcast_to(jnp.asarray(enhance, jnp.float32), (batch,)),
+      sigma=jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,)),
+      bits=jnp.broadcast_to(jnp.asarray(bits, jnp.int32), (batch,)),
+      threshold=jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (batch,)),
+      hue=jnp.broadcast_to(jnp.asarray(hue, jnp.float32), (batch,)))
+  op = jnp.broadcast_to(jnp.asarray(op, jnp.int32), (batch,))
+  return _map_images(lambda x, m, o, mags: _dssn_op_one(x, o, mags, pad=m), images, pad, op,
+                     magnitudes)
+
+
+def _dssn_ops_one(x, params, *, pad):
+  """`apply_dssn_ops` on one image; `params` fields are `[num_ops, 1]`."""
+  def slot(i, v):
+    p = {k: lax.dynamic_index_in_dim(a, i, keepdims=False) for k, a in params.items()}
+    return _when(p["active"], lambda w: _dssn_op_one(
+        w, p["op"], {k: p[k] for k in _MAGNITUDES}, pad=pad), v)
+
+  out = lax.fori_loop(0, params["op"].shape[0], slot, x)
+  return _restore_pad(out, x, pad)
 
 
 def apply_dssn_ops(images: jax.typing.ArrayLike, params: dict, *,
                    pad: _OptArray = None) -> jax.Array:
-  """Runs the active slots of `dssn_ops_params` in order (one compiled loop body)."""
+  """Runs the active slots of `dssn_ops_params` in order; per image, only its ops are computed.
+
+  Args:
+    images: `[B, H, W, 3]` float in [0, 1].
+    params: `dssn_ops_params`' dict of `[num_ops, B]` arrays.
+    pad: optional `[B, H, W]` bool, pixels returned unchanged and out of image statistics.
+
+  Returns:
+    `[B, H, W, 3]` float32.
+  """
   images = _as_float(images)
+  per_image = {k: jnp.swapaxes(jnp.asarray(v), 0, 1) for k, v in params.items()}  # [B, slots]
 
-  def slot(i, x):
-    p = {k: lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in params.items()}
-    stepped = apply_dssn_op(x, p["op"], enhance=p["enhance"], sigma=p["sigma"], bits=p["bits"],
-                            threshold=p["threshold"], hue=p["hue"], pad=pad)
-    return jnp.where(p["active"][:, None, None, None], stepped, x)
+  def one(x, m, prm):
+    return _dssn_ops_one(x, {k: jnp.swapaxes(v, 0, 1) for k, v in prm.items()}, pad=m)
 
-  out = lax.fori_loop(0, params["op"].shape[0], slot, images)
-  return _restore_pad(out, images, pad)
+  return _map_images(one, images, pad, per_image)
 
 
 def random_photometric_ops(rng: jax.Array, images: jax.typing.ArrayLike, *, num_ops: int = 3,
@@ -813,21 +897,29 @@ def strong_augment(rng: jax.Array, images: jax.typing.ArrayLike, *, preset: str 
   if preset == "none":
     return images
   if preset == "cac":
-    u_blur, u_jitter, u_gray = _split_uniforms(
-        _uniforms(rng, batch, 1 + COLOR_JITTER_UNIFORMS + 1), (1, COLOR_JITTER_UNIFORMS, 1))
+    sizes = (1, COLOR_JITTER_UNIFORMS, 1)
+  else:
+    sizes = (COLOR_JITTER_UNIFORMS, 1, 2, DSSN_OPS_UNIFORMS * (3 if preset == "dssn" else 0))
+  u = _uniforms(rng, batch, sum(sizes))
+  return _map_images(lambda x, m, ub: _strong_one(ub, x, preset=preset, sizes=sizes, pad=m),
+                     images, pad, u)
+
+
+def _strong_one(u, x, *, preset, sizes, pad):
+  """`strong_augment` on one image `[1, H, W, 3]` from its uniforms `u` `[1, n]`."""
+  if preset == "cac":
+    u_blur, u_jitter, u_gray = _split_uniforms(u, sizes)
     binomial = jnp.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
-    x = jnp.where((u_blur[:, 0] < 0.5)[:, None, None, None],
-                  separable_filter(images, binomial, border="reflect", pad=pad), images)
-    x = _color_jitter_u(u_jitter, x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                        p=0.8, pad=pad)
-    return _grayscale_u(u_gray, x, p=0.2, pad=pad)
-  num_ops = 3 if preset == "dssn" else 0
-  sizes = (COLOR_JITTER_UNIFORMS, 1, 2, DSSN_OPS_UNIFORMS * num_ops)
-  u_jitter, u_gray, u_blur, u_ops = _split_uniforms(_uniforms(rng, batch, sum(sizes)), sizes)
-  x = _color_jitter_u(u_jitter, images, brightness=0.5, contrast=0.5, saturation=0.5,
-                      hue=0.25, p=0.8, pad=pad)
-  x = _grayscale_u(u_gray, x, p=0.2, pad=pad)
-  x = _gaussian_blur_u(u_blur, x, p=0.5, sigma_range=(0.1, 2.0), pad=pad)
+    x = _when(u_blur[:, 0] < 0.5,
+              lambda v: separable_filter(v, binomial, border="reflect", pad=pad), x)
+    x = _color_jitter_one_u(u_jitter, x, brightness=0.4, contrast=0.4, saturation=0.4,
+                            hue=0.1, p=0.8, pad=pad)
+    return _grayscale_one(u_gray, x, p=0.2, pad=pad)
+  u_jitter, u_gray, u_blur, u_ops = _split_uniforms(u, sizes)
+  x = _color_jitter_one_u(u_jitter, x, brightness=0.5, contrast=0.5, saturation=0.5,
+                          hue=0.25, p=0.8, pad=pad)
+  x = _grayscale_one(u_gray, x, p=0.2, pad=pad)
+  x = _gaussian_blur_one(u_blur, x, p=0.5, sigma_range=(0.1, 2.0), pad=pad)
   if preset == "dssn":
-    x = apply_dssn_ops(x, _dssn_ops_from(u_ops, num_ops=num_ops, random_num=True), pad=pad)
+    x = _dssn_ops_one(x, _dssn_ops_from(u_ops, num_ops=3, random_num=True), pad=pad)
   return x

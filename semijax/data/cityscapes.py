@@ -35,7 +35,7 @@ PALETTE = np.array([
     (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
     (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
-INFO = DatasetInfo("cityscapes", CLASS_NAMES, PALETTE)
+INFO = DatasetInfo("cityscapes", CLASS_NAMES, PALETTE, background_class=None)  # every class is an object
 
 # Official labelIds (0..33) of the 19 evaluated classes, in trainId order.
 EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)

@@ -83,9 +83,23 @@ def _resize(array: np.ndarray, size: int, resample) -> np.ndarray:
   return np.asarray(img.resize((size, size), resample=resample))
 
 
-def _draw_scenes(num: int, photos: list, photo_half: int, digits: np.ndarray,
+def paint_scenes(num: int, photos: list, photo_half: int, digits: np.ndarray,
                  digit_labels: np.ndarray, cfg: SceneConfig,
                  rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+  """Paints `num` scenes: 8x8 glyphs (counts 0..16) enlarged onto crops of `photos`.
+
+  Args:
+    num: scenes to draw.
+    photos: float32 RGB `[h, w, 3]` images in [0, 1].
+    photo_half: crops come from the left (0) or right (1) half of each photo.
+    digits: `[K, 8, 8]` glyphs, counts 0..16 (scikit-learn's digits, or `glyphs`).
+    digit_labels: `[K]` class of each glyph; painted as label + 1 (0 = background).
+    cfg: canvas, sizes, blur, contrast and ink.
+    rng: the generator (consumed in a fixed order: the result is deterministic).
+
+  Returns:
+    `(images uint8 [num, S, S, 3], labels uint8 [num, S, S])`.
+  """
   s = cfg.canvas
   images = np.zeros((num, s, s, 3), np.uint8)
   labels = np.zeros((num, s, s), np.uint8)
@@ -143,14 +157,15 @@ def generate(cfg: SceneConfig = SceneConfig()) -> dict:
   cut = int(0.8 * len(order))
   photos = _photos()
   rng = np.random.default_rng(cfg.seed)
-  train = _draw_scenes(cfg.num_train, photos, 0, digits.images[order[:cut]],
+  train = paint_scenes(cfg.num_train, photos, 0, digits.images[order[:cut]],
                        digits.target[order[:cut]], cfg, rng)
-  val = _draw_scenes(cfg.num_val, photos, 1, digits.images[order[cut:]],
+  val = paint_scenes(cfg.num_val, photos, 1, digits.images[order[cut:]],
                      digits.target[order[cut:]], cfg, rng)
   return {"train": train, "val": val}
 
 
-INFO = sources.DatasetInfo(name="embedded_digits", class_names=CLASS_NAMES, palette=PALETTE)
+INFO = sources.DatasetInfo(name="embedded_digits", class_names=CLASS_NAMES, palette=PALETTE,
+                            background_class=0)
 
 
 def make_sources(cfg: SceneConfig = SceneConfig()) -> dict:

@@ -39,14 +39,20 @@ def train_dataset(source, *, global_batch: int, seed: int, augment: transforms.T
 
 
 def semi_dataset(labeled, unlabeled, *, labeled_batch: int, unlabeled_batch: int, seed: int,
-                 augment: transforms.TrainAugment, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
-  """Zips a labeled and an unlabeled stream: element t = {'labeled': ..., 'unlabeled': ...}."""
-  kwargs = dict(augment=augment, process_index=process_index, process_count=process_count)
-  parts = {"labeled": train_dataset(labeled, global_batch=labeled_batch, seed=seed, **kwargs)}
+                 augment: transforms.TrainAugment, unlabeled_augment=None,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Zips a labeled and an unlabeled stream: element t = {'labeled': ..., 'unlabeled': ...}.
+
+  `unlabeled_augment` (default: `augment`) is the unlabeled stream's host transform, e.g. a
+  method's own views of each image (`Method.unlabeled_transform`).
+  """
+  kwargs = dict(process_index=process_index, process_count=process_count)
+  parts = {"labeled": train_dataset(labeled, global_batch=labeled_batch, seed=seed,
+                                    augment=augment, **kwargs)}
   if unlabeled is not None and unlabeled_batch > 0:
     parts["unlabeled"] = train_dataset(unlabeled, global_batch=unlabeled_batch,
-                                       seed=seed + 7919, **kwargs)
+                                       seed=seed + 7919,
+                                       augment=unlabeled_augment or augment, **kwargs)
   names = tuple(parts)
   # Both streams repeat forever, but batching divides grain's "infinite" length by each batch
   # size, and zipping needs equal lengths.

@@ -26,27 +26,70 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Metadata of a segmentation dataset."""
+  """Metadata of a segmentation dataset.
+
+  Attributes:
+    name: the dataset's name.
+    class_names: C names, index = class id.
+    palette: `[C, 3]` uint8 colours for visualisation.
+    ignore_index: the label value of pixels without a label in the records (always 255 in
+      semijax; a custom folder's own ignore value is remapped to it when read).
+    background_class: the id of the class that means "no object" (VOC and the embedded
+      digits: 0), or None when no class is background (Cityscapes; custom folders unless
+      their `dataset.json` sets `background_class`). Methods that treat background specially
+      (DGCL's anchor classes) read it from here, never assume an id.
+  """
   name: str
-  class_names: tuple          # C names, index = class id
-  palette: np.ndarray         # [C, 3] uint8 colours for visualisation
+  class_names: tuple
+  palette: np.ndarray
   ignore_index: int = IGNORE_INDEX
+  background_class: Optional[int] = None
+
+  def __post_init__(self):
+    if self.background_class is not None and not 0 <= self.background_class < len(
+        self.class_names):
+      raise DataError(f"{self.name}: background_class {self.background_class} is not a class id "
+                      f"(0..{len(self.class_names) - 1})")
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  def describe_classes(self) -> str:
+    """`0 background, 1 cat, ...` (the valid label ids, for messages)."""
+    return ", ".join(f"{i} {n}" for i, n in enumerate(self.class_names))
+
+
+class LabelValueError(DataError):
+  """A label file holds values that are neither class ids nor the ignore value.
+
+  Attributes:
+    path: the file (or record name).
+    values: the offending raw values, sorted.
+  """
+
+  def __init__(self, message: str, path: str = "", values=()):
+    super().__init__(message)
+    self.path, self.values = path, tuple(int(v) for v in values)
+
+  def __reduce__(self):   # survives pickling out of a grain worker process
+    return type(self), (str(self), self.path, self.values)
+
 
 def check_label(label: np.ndarray, num_classes: int, where: str,
                 ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-  """Raises `DataError` naming `where` if `label` has values outside [0, C) and ignore."""
+  """Raises `DataError` naming `where` if `label` has values outside [0, C) and ignore.
+
+  Out-of-range values raise `LabelValueError` (a `DataError`) carrying the file and values.
+  """
   if label.ndim != 2:
     raise DataError(f"{where}: label map must be 2-D [H, W], got shape {label.shape}")
   values = np.unique(label)
   bad = values[(values >= num_classes) & (values != ignore_index)]
   if bad.size:
-    raise DataError(f"{where}: label values {bad.tolist()} outside [0, {num_classes}) and "
-                    f"ignore {ignore_index}")
+    raise LabelValueError(f"{where}: label values {bad.tolist()} outside the class ids "
+                          f"0..{num_classes - 1} and the ignore value {ignore_index}", where,
+                          bad.tolist())
   return label
 
 
@@ -58,10 +101,12 @@ class ArraySource:
     labels: `[N, H, W]` uint8, or None for an unlabeled source (all-ignore labels).
     info: dataset metadata.
     indices: optional subset (a split) of the rows, in order.
+    hide_labels: serve the rows as unlabeled images (all-ignore `label`) whose ground truth
+      travels as `hidden_label`, for diagnostics that a loss never reads.
   """
 
   def __init__(self, images: np.ndarray, labels: Optional[np.ndarray], info: DatasetInfo,
-               indices: Optional[Sequence[int]] = None):
+               indices: Optional[Sequence[int]] = None, *, hide_labels: bool = False):
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
       raise DataError(f"{info.name}: images must be uint8 [N, H, W, 3], got "
                       f"{images.dtype} {images.shape}")
@@ -69,6 +114,7 @@ class ArraySource:
       raise DataError(f"{info.name}: labels {labels.shape} do not match images "
                       f"{images.shape[:3]}")
     self.images, self.labels, self.info = images, labels, info
+    self.hide_labels = hide_labels and labels is not None
     self.indices = np.arange(len(images)) if indices is None else np.asarray(indices)
 
   def __len__(self) -> int:
@@ -82,6 +128,9 @@ class ArraySource:
     else:
       label = check_label(self.labels[row], self.info.num_classes, f"{self.info.name}[{row}]",
                           self.info.ignore_index)
+    if self.hide_labels:
+      hidden = np.full(image.shape[:2], self.info.ignore_index, np.uint8)
+      return {"image": image, "label": hidden, "hidden_label": label, "index": np.int64(row)}
     return {"image": image, "label": label, "index": np.int64(row)}
 
   def __repr__(self) -> str:
@@ -134,16 +183,24 @@ class FileSource:
     labeled: if False the label files are not read and every label is all-ignore.
     lut: optional `[256]` integer table applied to raw label values (e.g. Cityscapes labelIds ->
       trainIds, or a custom ignore value -> 255); entries -1 mark raw values that are invalid
-      (a `DataError` names the file). A plain array, so the source pickles into grain workers.
+      (a `LabelValueError` names the file). A plain array, so the source pickles into grain
+      workers.
     rgb_palette: optional `[C, 3]` colours to decode colour-coded RGB masks.
     check_files: stat every file at construction.
+    label_help: optional text appended to a `LabelValueError`: which raw values are valid and
+      how to map others (a custom folder lists its class ids and dataset.json fields here).
+    value_hints: optional `{raw value: text}` added to the message when that value is found
+      (a custom folder explains a raw 255 without a declared ignore_index).
   """
 
   def __init__(self, items: Sequence[FileItem], info: DatasetInfo, *, labeled: bool = True,
                lut: Optional[np.ndarray] = None, rgb_palette: Optional[np.ndarray] = None,
-               check_files: bool = True):
+               check_files: bool = True, label_help: Optional[str] = None,
+               value_hints: Optional[dict] = None):
     self.items = tuple(items)
     self.info, self.labeled = info, labeled
+    self.label_help = label_help
+    self.value_hints = dict(value_hints or {})
     self.lut = None if lut is None else np.asarray(lut, np.int16)
     self.rgb_palette = None if rgb_palette is None else np.asarray(rgb_palette, np.uint8)
     if self.lut is not None and (self.lut.shape != (256,) or self.lut.min() < -1
@@ -188,10 +245,17 @@ class FileSource:
       mapped = self.lut[label]
       if (mapped < 0).any():
         bad = np.unique(label[mapped < 0]).tolist()
-        raise DataError(f"{path}: label values {bad} are not valid for {self.info.name} (not a "
-                        f"class id, the ignore value or a mapped value)")
+        raise LabelValueError(f"{path}: label values {bad} are not valid for {self.info.name}; "
+                              f"{self.explain_values(bad)}", path, bad)
       label = mapped.astype(np.uint8)
     return check_label(label, self.info.num_classes, path, self.info.ignore_index)
+
+  def explain_values(self, bad: Sequence[int]) -> str:
+    """Which raw label values are valid, and what to do about the values `bad`."""
+    text = self.label_help or (f"valid: the class ids ({self.info.describe_classes()}), the "
+                               "ignore value or a mapped value")
+    hints = [self.value_hints[v] for v in bad if v in self.value_hints]
+    return text + "".join(f". {h}" for h in hints)
 
   def __repr__(self) -> str:
     kind = "labeled" if self.labeled else "unlabeled"
@@ -296,6 +360,7 @@ def pack_sources(sources: dict, out_dir: str) -> str:
       "name": info.name, "class_names": list(info.class_names),
       "palette": np.asarray(info.palette, np.uint8).tolist(),
       "ignore_index": int(info.ignore_index),
+      "background_class": info.background_class,
       "labeled": {k: bool(s.labeled) for k, s in sources.items()},
       "ids": {k: list(s.ids) for k, s in sources.items()},
   }
@@ -331,7 +396,8 @@ class PackedSource:
       raise DataError(f"{directory}: split {split!r} was packed without labels")
     self.directory, self.split, self.labeled = directory, split, labeled
     self.info = DatasetInfo(meta["name"], tuple(meta["class_names"]),
-                            np.asarray(meta["palette"], np.uint8), int(meta["ignore_index"]))
+                            np.asarray(meta["palette"], np.uint8), int(meta["ignore_index"]),
+                            meta.get("background_class"))   # absent in packs before issue 18
     position = {k: i for i, k in enumerate(meta["ids"][split])}
     if ids is None:
       self.positions = np.arange(len(position))

@@ -26,12 +26,15 @@ def _resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
 
 
 def pad_to(image: np.ndarray, label: np.ndarray, pad: np.ndarray, height: int, width: int):
-  """Pads bottom/right to at least (height, width): image 0, label ignore, pad True."""
+  """Pads bottom/right to at least (height, width): image 0, label ignore, pad True.
+
+  `label` is `[H, W]` or `[H, W, k]` (several label maps moved together)."""
   ph, pw = max(height - image.shape[0], 0), max(width - image.shape[1], 0)
   if ph == 0 and pw == 0:
     return image, label, pad
+  extra = ((0, 0),) * (label.ndim - 2)
   return (np.pad(image, ((0, ph), (0, pw), (0, 0))),
-          np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX),
+          np.pad(label, ((0, ph), (0, pw)) + extra, constant_values=IGNORE_INDEX),
           np.pad(pad, ((0, ph), (0, pw)), constant_values=True))
 
 
@@ -53,14 +56,19 @@ class TrainAugment(grain.transforms.RandomMap):
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
     image, label = record["image"], record["label"]
-    h, w = label.shape
+    # A hidden ground truth (unlabeled images with masks, for diagnostics) moves with the
+    # label; it is stacked with it so both take exactly the same resize, crop and flip.
+    hidden = record.get("hidden_label")
+    if hidden is not None:
+      label = np.stack([label, hidden], axis=-1)
+    h, w = label.shape[:2]
     scale = rng.uniform(*self.scale_range)
     if self.base_size is not None:
       scale *= self.base_size / max(h, w)
     nh, nw = max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)
     if (nh, nw) != (h, w):
       image, label = _resize_pair(image, label, nh, nw)
-    pad = np.zeros(label.shape, bool)
+    pad = np.zeros(label.shape[:2], bool)
     image, label, pad = pad_to(image, label, pad, self.crop_size, self.crop_size)
     y = rng.integers(0, label.shape[0] - self.crop_size + 1)
     x = rng.integers(0, label.shape[1] - self.crop_size + 1)
@@ -68,8 +76,14 @@ class TrainAugment(grain.transforms.RandomMap):
     image, label, pad = image[window], label[window], pad[window]
     if self.flip and rng.random() < 0.5:
       image, label, pad = image[:, ::-1], label[:, ::-1], pad[:, ::-1]
-    return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label),
-            "pad": np.ascontiguousarray(pad), "index": record["index"]}
+    out = {"image": np.ascontiguousarray(image), "pad": np.ascontiguousarray(pad),
+           "index": record["index"]}
+    if hidden is not None:
+      out["label"] = np.ascontiguousarray(label[..., 0])
+      out["hidden_label"] = np.ascontiguousarray(label[..., 1])
+    else:
+      out["label"] = np.ascontiguousarray(label)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

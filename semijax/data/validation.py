@@ -12,7 +12,9 @@
   `full=True` (the train command's `--check`) decodes every unlabeled record as well.
 
 Reads run in a thread pool (PIL decodes without the GIL); the first bad record in source
-order is reported, so the message is the same however many threads ran.
+order is reported, so the message is the same however many threads ran. Label values outside
+the classes are the exception: every record is read and one message lists which files hold
+which bad values, with the valid ids (`LabelValueError`s gathered by `label_value_report`).
 """
 
 import concurrent.futures
@@ -20,7 +22,8 @@ import os
 from typing import Optional
 
 from semijax.data import image_io
-from semijax.data.sources import ArraySource, DataError, FileSource
+from semijax.data.sources import (ArraySource, DataError, FileSource, LabelValueError,
+                                  list_problems)
 
 _PNG_END = b"IEND"
 _JPEG_END = b"\xff\xd9"
@@ -50,8 +53,43 @@ def check_image_file(path: str) -> tuple:
   return size
 
 
-def _read_record(source, i: int) -> None:
-  source[i]  # pylint: disable=pointless-statement
+def _read_record(source, i: int) -> Optional[LabelValueError]:
+  """Reads record `i`; returns (not raises) a `LabelValueError` so that all can be listed."""
+  try:
+    source[i]  # pylint: disable=pointless-statement
+  except LabelValueError as e:
+    return e
+  return None
+
+
+def label_value_report(errors, source=None, *, limit: int = 10) -> str:
+  """One message for the `LabelValueError`s of several files: each bad value with its files.
+
+  Args:
+    errors: `LabelValueError`s (one per file) in source order.
+    source: the source they come from; its `explain_values` (or `info`) names the valid ids.
+    limit: files named per value before a count.
+
+  Returns:
+    e.g. `label values outside the classes in 3 files: 255 in masks/a.png, masks/b.png; 7 in
+    masks/c.png. Valid label ids: 0 sky, 1 grass, 2 sand; ...`
+  """
+  by_value = {}
+  for e in errors:
+    for v in e.values:
+      by_value.setdefault(v, []).append(e.path)
+  listed = "; ".join(f"{v} in {len(paths)} file{'s' if len(paths) > 1 else ''} "
+                     f"({list_problems(paths, limit)})" for v, paths in sorted(by_value.items()))
+  bad = sorted(by_value)
+  if source is not None and hasattr(source, "explain_values"):
+    explain = source.explain_values(bad)
+  elif source is not None:
+    info = source.info
+    explain = (f"valid label ids: {info.describe_classes()}; ignore: {info.ignore_index}")
+  else:
+    explain = ""
+  return (f"label values outside the classes in {len(errors)} file"
+          f"{'s' if len(errors) > 1 else ''}: {listed}" + (f". {explain}" if explain else ""))
 
 
 def _quick(source, i: int) -> None:
@@ -65,13 +103,17 @@ def _run(fn, source, name: str, workers: Optional[int]) -> int:
     return 0
   threads = _threads(workers)
   if threads == 1 or n < 8:
-    for i in range(n):
-      fn(source, i)
-    return n
-  with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=f"check-{name}") as ex:
-    # `map` yields in order and re-raises at the first failing index.
-    for _ in ex.map(lambda i: fn(source, i), range(n)):
-      pass
+    found = [fn(source, i) for i in range(n)]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=f"check-{name}") as ex:
+      # `map` yields in order and re-raises at the first failing index.
+      found = list(ex.map(lambda i: fn(source, i), range(n)))
+  label_errors = [e for e in found if e is not None]
+  if len(label_errors) == 1:
+    raise label_errors[0]
+  if label_errors:
+    raise LabelValueError(f"{name} set: {label_value_report(label_errors, source)}",
+                          label_errors[0].path, sorted({v for e in label_errors for v in e.values}))
   return n
 
 

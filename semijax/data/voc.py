@@ -62,7 +62,7 @@ def voc_palette(num_entries: int = 256) -> np.ndarray:
 
 
 PALETTE = voc_palette(NUM_CLASSES)
-INFO = DatasetInfo("voc", CLASS_NAMES, PALETTE)
+INFO = DatasetInfo("voc", CLASS_NAMES, PALETTE, background_class=0)
 
 
 def image_path(root: str, image_id: str) -> str:

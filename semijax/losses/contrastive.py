@@ -167,7 +167,7 @@ def dgcl_contrastive_loss(
     small_class_density: Optional[float] = 1.0,
     normalize_keys: bool = False,
     ignore_index: int = ops.IGNORE_INDEX,
-    chunk_size: int = 1024,
+    chunk_size: int = density_lib.DEFAULT_CHUNK,
     compute_dtype: Optional[jnp.dtype] = None,
     axis_name: Optional[str] = None,
 ) -> Tuple[jax.Array, dict]:

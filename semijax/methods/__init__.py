@@ -1,16 +1,13 @@
-"""Method registry: `get(name)` returns the `Method` class of a recipe."""
+"""Methods as plugins: recipes, pseudo-label rules and extra terms, registered by name.
 
-from semijax.methods import base
-from semijax.methods.dgcl import DGCL
-from semijax.methods.dssn import DSSN
-from semijax.methods.mean_teacher import MeanTeacher
-from semijax.methods.supervised import Supervised
+`get(name)` returns a method's class; `configure(config, name, ...)` merges its config
+block, its rule's and its terms' into a run config (experiments/configs/<method>.py call it).
+See `registry` for how a method registers itself and `teacher_student` for the structure
+the teacher-student recipes share.
+"""
 
-METHODS = {cls.name: cls for cls in (Supervised, MeanTeacher, DGCL, DSSN)}
+from semijax.methods.configure import configure, reference_config, smoke
+from semijax.methods.registry import get, get_rule, get_term, names, register
 
-
-def get(name: str) -> type:
-  """The `Method` class registered as `name`; a ValueError lists the valid names."""
-  if name not in METHODS:
-    raise ValueError(f"config.method.name={name!r}; expected one of {sorted(METHODS)}")
-  return METHODS[name]
+__all__ = ["configure", "get", "get_rule", "get_term", "names", "reference_config",
+           "register", "smoke"]

@@ -1,9 +1,20 @@
 """What a method is: a loss over a step's batch plus an optional state update (banks).
 
+A method is a plugin (`semijax.methods.registry`): one class, registered with one line
+(`@registry.register`), that owns
+
+* its config block (`default_config()`, merged into the run config under the method's name),
+  its smoke shrink (`smoke(config)`) and the extra terms it runs by default (`terms`);
+* its extra model heads (`heads`) and its state (`init_state`, e.g. banks);
+* its data needs: a host transform for the unlabeled stream (`unlabeled_transform`) and the
+  extra batch fields that reach its `StepContext` unchanged (`batch_fields`);
+* the loss (`loss(ctx) -> (loss, metrics, extras)`) and the state update after the optimizer
+  step (`update_state`).
+
 A method never sees the optimizer or the device mesh. The trainer gives it a `StepContext`
 with the batch, the step's random key and two forward functions (student, with gradients
 and BatchNorm updates; EMA teacher, without), and after the optimizer step calls
-`update_state` with whatever the loss returned in `extras` (e.g. features for a bank push).
+`update_state` with whatever the loss returned in `extras`.
 """
 
 import dataclasses
@@ -25,13 +36,18 @@ class StepContext:
 
   Attributes:
     batch: `{'labeled': {...}, 'unlabeled': {...}}`; images float32 in [0, 1]
-      `[B, H, W, 3]`, labels int32 `[B, H, W]` (255 ignore), `pad` bool `[B, H, W]`.
+      `[B, H, W, 3]`, labels int32 `[B, H, W]` (255 ignore; the unlabeled part has none),
+      `pad` bool `[B, H, W]`, plus the method's `batch_fields` as the pipeline gave them.
     rng: this step's key, `fold_in(key(seed), step)`.
     step: int32 scalar (traced).
     method_state: the method's state before this step (banks to read).
     student_fn: `(variables, images, train, rngs, **kwargs) -> (outputs, new_batch_stats)`.
     teacher_fn: `(images, **kwargs) -> (outputs, new_teacher_batch_stats)`.
     params, batch_stats: the student's variables (`params` is what is differentiated).
+    hidden_labels: ground truth of the unlabeled images `[B, H, W]` int32 (255 where
+      unknown), or None. Only for diagnostics (`semijax.methods.diagnostics`) and the oracle
+      switch (`config.diagnostics.oracle_pseudo_labels`): a loss never reads it otherwise
+      (tested: the loss and its gradient do not depend on it).
   """
   batch: Dict[str, Dict[str, jax.Array]]
   rng: jax.Array
@@ -42,6 +58,7 @@ class StepContext:
   student_fn: Callable
   teacher_fn: Callable
   teacher_batch_stats: PyTree = None
+  hidden_labels: Optional[jax.Array] = None
   _calls: int = 0
 
   def key(self, name: str) -> jax.Array:
@@ -49,7 +66,7 @@ class StepContext:
     # zlib.crc32, not hash(): str hashes change between processes.
     return jax.random.fold_in(self.rng, zlib.crc32(name.encode()) % (2 ** 31))
 
-  def student(self, images: jax.Array, *, train: bool = True, **kwargs) -> Dict[str, jax.Array]:
+  def student(self, images: Any, *, train: bool = True, **kwargs) -> Dict[str, jax.Array]:
     """Student forward; successive calls chain the BatchNorm running statistics."""
     self._calls += 1
     rngs = {"dropout": jax.random.fold_in(self.key("dropout"), self._calls)}
@@ -69,19 +86,39 @@ class Method:
   """Base class; subclasses set the class attributes and override `loss`.
 
   Class attributes:
-    name: registry name.
+    name: registry name; also the name of the method's config block.
     uses_unlabeled: whether the step needs an unlabeled batch.
     teacher_bn: 'ema' (teacher in eval mode with EMA'd BN statistics: mean teacher, DSSN) or
       'batch' (teacher in train mode using batch statistics and keeping its own running
       statistics, as U2PL/DGCL/CSC).
-    heads: extra model heads this method needs, `{name: module}`.
+    terms: names of the extra terms (`semijax.methods.terms`) the recipe runs by default;
+      `config.method.terms` selects them per run.
+    batch_fields: extra record fields of the unlabeled stream (made by `unlabeled_transform`)
+      that reach `StepContext.batch['unlabeled']` unchanged.
   """
   name: str = "base"
   uses_unlabeled: bool = True
   teacher_bn: str = "ema"
+  terms: Tuple[str, ...] = ()
+  batch_fields: Tuple[str, ...] = ()
 
-  def __init__(self, config):
+  def __init__(self, config, info=None):
     self.config = config
+    self.info = info   # the dataset's `DatasetInfo` (class names, background, ignore), if known
+
+  # -- Config (class level: needed before a run is built). ----------------------------------
+
+  @classmethod
+  def default_config(cls):
+    """The method's config block (an `ml_collections.ConfigDict`), or None for none."""
+    return None
+
+  @classmethod
+  def smoke(cls, config) -> None:
+    """Shrinks the method's own settings for a seconds-long smoke run (tests, CI)."""
+    del config
+
+  # -- Model, state and data. ----------------------------------------------------------------
 
   def heads(self, num_classes: int) -> dict:
     """Extra per-pixel heads (`semijax.models.heads`) to attach to the segmenter."""
@@ -92,6 +129,13 @@ class Method:
     """Initial method state (e.g. empty banks); `outputs` are the model's output shapes."""
     del rng, num_classes, outputs
     return {}
+
+  def unlabeled_transform(self, default):
+    """The host transform of the unlabeled stream (a grain `RandomMap`); default: `default`,
+    the labeled stream's geometric augmentation."""
+    return default
+
+  # -- The step. -----------------------------------------------------------------------------
 
   def loss(self, ctx: StepContext) -> Tuple[jax.Array, Metrics, PyTree]:
     """Returns `(total_loss, metrics, extras)`; `extras` go to `update_state`."""

@@ -1,8 +1,9 @@
 """Supervised-only baseline: the labeled batch and nothing else."""
 
-from semijax.methods import base
+from semijax.methods import base, registry
 
 
+@registry.register
 class Supervised(base.Method):
   """L = L_sup on the labeled batch (CE, or OHEM with `config.loss.supervised = 'ohem'`)."""
   name = "supervised"

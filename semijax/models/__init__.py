@@ -5,7 +5,9 @@
 state dicts.
 """
 
+from semijax.models.alonso_heads import ClassAttention as ClassAttention
 from semijax.models.deeplab import ASPP, DeepLabV3Plus, FCNHead
+from semijax.models.deeplabv2 import DeepLabV2 as DeepLabV2
 from semijax.models.heads import ConvProjection, PixelMLP, RepresentationHead
 from semijax.models.layers import BatchNorm
 from semijax.models.registry import build_model, model_names

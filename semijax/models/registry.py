@@ -41,7 +41,8 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> deeplab.DeepLabV3
     name: one of `model_names()`, e.g. 'deeplabv3plus_resnet101'.
     num_classes: classifier outputs.
     **kwargs: `ResNet` attributes (e.g. `stem='deep'`, `output_stride=8`,
-      `multi_grid=(1, 2, 4)`; for 'deeplabv3plus_small' `small_resnet`'s arguments such
+      `multi_grid=(1, 2, 4)`, `remat='blocks'` (config `model.remat`), `scan_blocks=False`
+      for one module per block; for 'deeplabv3plus_small' `small_resnet`'s arguments such
       as `widths`, `stage_sizes`, `block`, `stem_width`, `stem_stride`, `stem_pool`) and
       `DeepLabV3Plus` attributes (e.g. `aux_head=True`, `heads={...}`,
       `low_level_channels=256`).

@@ -4,6 +4,22 @@ Parameter names follow torchvision so that state dicts map one to one (see `weig
 a torch key `layer3.4.downsample.1.running_var` is the flax path
 `('layer3_4', 'downsample_1', 'var')`, i.e. every `.` inside a module name becomes `_`.
 
+Scanned blocks (`scan_blocks=True`, the default): within a stage, blocks 1..n-1 have identical
+shapes, and each run of them with one dilation is a single `nn.scan` over a stacked block
+(`('layer3_scan1', 'conv1', 'kernel')` of shape `[22, 1, 1, 1024, 256]` holds torch's
+`layer3.1.conv1.weight` ... `layer3.22.conv1.weight`), so XLA compiles one block body per run
+instead of one per block: ResNet-101's 33 bottlenecks compile as 4 first blocks and 4 scanned
+bodies. Block 0 of a stage (stride, projection shortcut, the previous stage's dilation) and
+runs of a single block (multi-grid layer4) stay unscanned under their torchvision names.
+`weights.unstack_blocks` / `weights.stack_blocks` convert between the two layouts, and the
+torchvision loader and writer go through them, so checkpoints keep torchvision's names.
+
+Rematerialisation (`remat`): 'none'; 'blocks' checkpoints every residual block keeping only
+its convolution outputs (BatchNorm and ReLU are recomputed in the backward pass, no
+convolution is); 'full' keeps only each block's input (the whole forward of a block is
+recomputed in the backward pass, about one extra backbone forward). The stem is never
+rematerialised (its modules sit directly in the backbone's namespace).
+
 Stems:
   * 'torchvision': 7x7/2 conv (64), BN, ReLU, 3x3/2 max-pool. CAC, Alonso's DeepLabv3+.
   * 'deep': the U2PL/DGCL/CSC/DSSN stem (ResNet-v1c): 3x3/2 conv 3->64, BN, ReLU,
@@ -14,16 +30,43 @@ Stems:
 """
 
 import functools
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+from jax import lax
 
 from semijax.models import layers
 
 Dtype = Any
 
 STAGES = ('layer1', 'layer2', 'layer3', 'layer4')
+REMAT = ('none', 'blocks', 'full')
+# Module name of a scanned run of blocks: `{stage}_scan{first block}`; its leading axis
+# counts the blocks.
+SCAN_NAME = re.compile(r'^(layer\d+)_scan(\d+)$')
+
+
+def scan_name(stage: str, first: int) -> str:
+  """Module name of the scanned run of `stage`'s blocks starting at block `first`."""
+  return f'{stage}_scan{first}'
+
+
+def _conv_saveable(prim, *_, **__) -> bool:
+  """Checkpoint policy: keep convolution outputs, recompute everything else."""
+  return prim is lax.conv_general_dilated_p
+
+
+def remat_policy(remat: str):
+  """The `jax.checkpoint` policy of a `remat` mode (None for 'none')."""
+  if remat not in REMAT:
+    raise ValueError(f'remat={remat!r}; expected one of {REMAT}')
+  if remat == 'blocks':
+    return _conv_saveable
+  if remat == 'full':
+    return jax.checkpoint_policies.nothing_saveable
+  return None
 
 
 class BottleneckBlock(nn.Module):
@@ -169,6 +212,10 @@ class ResNet(nn.Module):
     bn_momentum: flax-convention BN momentum (0.9 = PyTorch's 0.1).
     bn_axis_name: SyncBN axis inside a user's `pmap`/`shard_map`.
     bn_batch_groups: per-group BN statistics, see `layers.BatchNorm`.
+    scan_blocks: run each stage's identical blocks (1..n-1, equal dilation) as one
+      `nn.scan` (parameters stacked, see the module docstring); False keeps one module per
+      block (torchvision's layout, slow to compile for ResNet-101).
+    remat: 'none', 'blocks' or 'full' (see the module docstring).
   """
   stage_sizes: Sequence[int]
   block: str = 'bottleneck'
@@ -185,12 +232,33 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_axis_name: Optional[str] = None
   bn_batch_groups: int = 1
+  scan_blocks: bool = True
+  remat: str = 'none'
 
   def plan(self) -> List[Tuple[int, Tuple[int, ...]]]:
     """`stage_plan` for this configuration."""
     first = stem_stride(self.stem, self.small_stem_stride, self.small_stem_pool)
     return stage_plan(self.stage_sizes, first_stride=first, output_stride=self.output_stride,
                       multi_grid=self.multi_grid)
+
+  def block_groups(self) -> List[List[Tuple[int, int, int]]]:
+    """Per stage, the runs of blocks as `(first block, number of blocks, dilation)`.
+
+    Block 0 is always a run of its own; with `scan_blocks` the later blocks are grouped
+    into maximal runs of equal dilation (a run of several blocks is one `nn.scan`),
+    otherwise every block is a run of one.
+    """
+    groups = []
+    for _, dilations in self.plan():
+      runs = [(0, 1, dilations[0])]
+      for j, dilation in enumerate(dilations[1:], start=1):
+        first, count, last = runs[-1]
+        if self.scan_blocks and first > 0 and last == dilation:
+          runs[-1] = (first, count + 1, dilation)
+        else:
+          runs.append((j, 1, dilation))
+      groups.append(runs)
+    return groups
 
   @property
   def out_channels(self) -> Dict[str, int]:
@@ -241,12 +309,27 @@ class ResNet(nn.Module):
       stem_stride(self.stem)  # raises the error listing valid stems
 
     out = {'stem': x}
+    policy = remat_policy(self.remat)
     block_cls = BLOCKS[self.block]
-    for i, (width, (stride, dilations)) in enumerate(zip(self.widths, self.plan())):
-      for j, dilation in enumerate(dilations):
-        x = block_cls(width, strides=stride if j == 0 else 1, dilation=dilation, norm=norm,
-                      zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                      name=f'{STAGES[i]}_{j}')(x)
+    if policy is not None:
+      block_cls = nn.remat(block_cls, policy=policy)
+      scanned_cls = nn.remat(BLOCKS[self.block], policy=policy, prevent_cse=False)
+    else:
+      scanned_cls = block_cls
+    plans = self.plan()
+    for i, (width, runs) in enumerate(zip(self.widths, self.block_groups())):
+      stride = plans[i][0]
+      for first, count, dilation in runs:
+        kwargs = dict(dilation=dilation, norm=norm, zero_init_residual=self.zero_init_residual,
+                      dtype=self.dtype)
+        if count == 1:
+          x = block_cls(width, strides=stride if first == 0 else 1,
+                        name=f'{STAGES[i]}_{first}', **kwargs)(x)
+        else:
+          scan = nn.scan(lambda block, carry, _: (block(carry), None),
+                         variable_axes={'params': 0, 'batch_stats': 0},
+                         split_rngs={'params': True}, length=count)
+          x, _ = scan(scanned_cls(width, name=scan_name(STAGES[i], first), **kwargs), x, None)
       out[STAGES[i]] = x
     return out
 

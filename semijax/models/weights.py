@@ -11,10 +11,18 @@ name (`('layer1_0', 'downsample_1')` <-> `layer1.0.downsample.1`). Leaves: conv 
 HWIO <-> `weight` OIHW, dense `kernel` `[in, out]` <-> `weight` `[out, in]`, BN `scale` /
 `bias` (params) <-> `weight` / `bias`, BN `mean` / `var` (batch_stats) <->
 `running_mean` / `running_var`. `num_batches_tracked` and `fc.*` are skipped.
+
+Scanned blocks (`resnet.ResNet(scan_blocks=True)`, the default for ResNet-50/101) keep a run
+of identical blocks stacked under one module, `('layer3_scan1', 'conv1', 'kernel')` `[22, ...]`
+for torch's `layer3.1.conv1.weight` ... `layer3.22.conv1.weight`. `unstack_blocks` turns such
+a tree into one entry per block (`layer3_1`, ..., `layer3_22`, torchvision's layout) and
+`stack_blocks` back into a given layout; the loader and writer go through them, so state
+dicts always use torchvision's names whatever the model's layout.
 """
 
 import dataclasses
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax
@@ -31,6 +39,8 @@ Source = Union[str, os.PathLike, Mapping[str, Any]]
 _WRAPPERS = ('state_dict', 'model_state', 'model')
 _SKIPPED_SUFFIXES = ('num_batches_tracked',)
 _SKIPPED_PREFIXES = ('fc.',)
+# `resnet.SCAN_NAME` (not imported: this module stays importable without the model code).
+_SCAN_NAME = re.compile(r'^(layer\d+)_scan(\d+)$')
 
 
 @dataclasses.dataclass
@@ -122,6 +132,85 @@ def read_state_dict(source: Source) -> Dict[str, np.ndarray]:
   return out
 
 
+def _slice(leaf: Any, i: int) -> Any:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+  return leaf[i]
+
+
+def _stack(leaves: Sequence[Any]) -> Any:
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return np.stack(leaves)
+  return jnp.stack([jnp.asarray(x) for x in leaves])
+
+
+def _run_length(tree: Mapping[str, Any]) -> int:
+  return int(jax.tree.leaves(tree)[0].shape[0])
+
+
+def unstack_blocks(tree: PyTree) -> PyTree:
+  """Scanned block runs -> one entry per block (torchvision's layout), at any depth.
+
+  Args:
+    tree: a variables tree or any sub-tree of one (`{'params': ...}`, a `DeepLabV3Plus`'s
+      params with a `backbone` entry, a backbone's batch stats, ...); leaves may be arrays
+      or `jax.ShapeDtypeStruct`s.
+
+  Returns:
+    The same tree with every `layerK_scanF` entry whose leaves are `[L, ...]` replaced by
+    `layerK_F`, ..., `layerK_{F+L-1}` holding slice i of every leaf; other entries as given.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    match = _SCAN_NAME.match(key) if isinstance(key, str) else None
+    if match and isinstance(value, Mapping):
+      stage, first = match.group(1), int(match.group(2))
+      for i in range(_run_length(value)):
+        out[f'{stage}_{first + i}'] = jax.tree.map(lambda x, i=i: _slice(x, i), dict(value))
+    else:
+      out[key] = unstack_blocks(value)
+  return out
+
+
+def stack_blocks(tree: PyTree, like: PyTree) -> PyTree:
+  """One entry per block -> the layout of `like` (the inverse of `unstack_blocks`).
+
+  Args:
+    tree: a tree in torchvision's layout (`layerK_i` entries), e.g. from `unstack_blocks` or
+      from an unscanned model (`scan_blocks=False`).
+    like: the target layout, e.g. the scanned model's variables or `jax.eval_shape` of its
+      `init`: its `layerK_scanF` entries of `[L, ...]` leaves are built by stacking blocks
+      F..F+L-1 of `tree`; every other entry is taken from `tree` as it is.
+
+  Returns:
+    A tree with the structure of `like` and the values of `tree`.
+
+  Raises:
+    KeyError: `tree` lacks an entry `like` needs.
+  """
+  if not isinstance(like, Mapping):
+    return tree
+  out = {}
+  for key, ref in like.items():
+    match = _SCAN_NAME.match(key) if isinstance(key, str) else None
+    if match and isinstance(ref, Mapping):
+      stage, first = match.group(1), int(match.group(2))
+      blocks = [f'{stage}_{first + i}' for i in range(_run_length(ref))]
+      missing = [b for b in blocks if b not in tree]
+      if missing:
+        raise KeyError(f'no entries {missing} to stack into {key!r}')
+      out[key] = jax.tree.map(lambda *xs: _stack(xs), *[dict(tree[b]) for b in blocks])
+    else:
+      if key not in tree:
+        raise KeyError(f'no entry {key!r} in the tree to convert')
+      out[key] = stack_blocks(tree[key], ref)
+  return out
+
+
 def _torch_entries(params: PyTree, batch_stats: PyTree) -> Dict[str, Tuple[str, tuple]]:
   """`{torch key: (collection, flax path)}` for every leaf of the two trees."""
   leaf_names = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
@@ -182,7 +271,8 @@ def load_torchvision_weights(params: PyTree, batch_stats: PyTree, source: Source
 
   Args:
     params: model parameters (arrays, or `jax.ShapeDtypeStruct`s from `jax.eval_shape`:
-      loaded leaves become arrays, missing ones stay as they are).
+      loaded leaves become arrays, missing ones stay as they are; a stacked leaf of scanned
+      blocks becomes an array when every block's slice is loaded), in either block layout.
     batch_stats: model BN statistics, same convention.
     source: file or mapping, see `read_state_dict`.
     scope: keys leading to the backbone inside `params`/`batch_stats`; default
@@ -198,8 +288,10 @@ def load_torchvision_weights(params: PyTree, batch_stats: PyTree, source: Source
     ValueError: with `strict`, naming the missing / unexpected keys and mismatched shapes.
   """
   scope = _default_scope(params) if scope is None else tuple(scope)
-  sub_params = flax.core.unfreeze(_get(params, scope))
-  sub_stats = flax.core.unfreeze(_get(batch_stats, scope))
+  layout_params = flax.core.unfreeze(_get(params, scope))
+  layout_stats = flax.core.unfreeze(_get(batch_stats, scope))
+  sub_params = unstack_blocks(layout_params)
+  sub_stats = unstack_blocks(layout_stats)
   entries = _torch_entries(sub_params, sub_stats)
   flat = {'params': traverse_util.flatten_dict(sub_params),
           'batch_stats': traverse_util.flatten_dict(sub_stats)}
@@ -228,9 +320,11 @@ def load_torchvision_weights(params: PyTree, batch_stats: PyTree, source: Source
   report.missing = [prefix + k for k in entries if k not in used]
   if strict and not report.ok:
     raise ValueError('torchvision state dict does not match the backbone: ' + report.summary())
-  params = _set(flax.core.unfreeze(params), scope, traverse_util.unflatten_dict(flat['params']))
+  params = _set(flax.core.unfreeze(params), scope,
+                stack_blocks(traverse_util.unflatten_dict(flat['params']), layout_params))
   batch_stats = _set(flax.core.unfreeze(batch_stats), scope,
-                     traverse_util.unflatten_dict(flat['batch_stats']))
+                     stack_blocks(traverse_util.unflatten_dict(flat['batch_stats']),
+                                  layout_stats))
   return params, batch_stats, report
 
 
@@ -250,8 +344,8 @@ def backbone_state_dict(params: PyTree, batch_stats: PyTree, *,
     `{torch key: np.ndarray}`.
   """
   scope = _default_scope(params) if scope is None else tuple(scope)
-  sub_params = flax.core.unfreeze(_get(params, scope))
-  sub_stats = flax.core.unfreeze(_get(batch_stats, scope))
+  sub_params = unstack_blocks(flax.core.unfreeze(_get(params, scope)))
+  sub_stats = unstack_blocks(flax.core.unfreeze(_get(batch_stats, scope)))
   trees = {'params': sub_params, 'batch_stats': sub_stats}
   out = {}
   for key, (collection, path) in _torch_entries(sub_params, sub_stats).items():

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from semijax import collectives, ops
 from semijax.banks import fifo
@@ -77,7 +78,7 @@ def push_bank(bank: fifo.ClassBank, features: jax.typing.ArrayLike,
               projections: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
               rng: jax.Array, *, max_per_class: int = 1000,
               ks: Sequence[int] = density_lib.DEFAULT_KS, min_bank_size: int = 1000,
-              ignore_index: int = ops.IGNORE_INDEX, chunk_size: int = 1024,
+              ignore_index: int = ops.IGNORE_INDEX, chunk_size: int = density_lib.DEFAULT_CHUNK,
               compute_dtype: Optional[jnp.dtype] = None,
               axis_name: Optional[str] = None) -> fifo.ClassBank:
   """DGCL's bank update (official `FeatureMemory.update`).
@@ -86,7 +87,8 @@ def push_bank(bank: fifo.ClassBank, features: jax.typing.ArrayLike,
   chosen uniformly at random without replacement from the global batch; their density
   against the *current* class-c bank is computed if that bank holds more than
   `min_bank_size` items (else 0), and (feature, projection, density) are written FIFO.
-  Only the selected pixels' densities are computed (`[C, max_per_class]` queries).
+  Only the selected pixels' densities are computed, and only for classes whose density is
+  stored (chunks of their valid queries, see `density.class_density`).
 
   Args:
     bank: from `init_bank`.
@@ -116,12 +118,72 @@ def push_bank(bank: fifo.ClassBank, features: jax.typing.ArrayLike,
   idx, valid = fifo.select_per_class(labels, labels != ignore_index, rng,
                                      num_classes=bank.num_classes,
                                      max_per_class=max_per_class)
-  new_feats = jnp.take(feats, idx, axis=0)  # [C, P, Dv]
-  dens = density_lib.class_density(new_feats, valid, bank, field=FEATURE, ks=ks,
+  # Density only where it is stored: the class's bank holds more than `min_bank_size`.
+  dens = density_lib.class_density(feats, valid & (bank.count > min_bank_size)[:, None], bank,
+                                   query_index=idx, field=FEATURE, ks=ks,
                                    chunk_size=chunk_size, compute_dtype=compute_dtype)
-  dens = jnp.where((bank.count > min_bank_size)[:, None], dens, 0.0)
-  return fifo.write(bank, {FEATURE: new_feats, PROJECTION: jnp.take(projs, idx, axis=0),
-                           DENSITY: dens}, valid)
+  return fifo.write(bank, {FEATURE: jnp.take(feats, idx, axis=0),
+                           PROJECTION: jnp.take(projs, idx, axis=0), DENSITY: dens}, valid)
+
+
+def sample_negatives(rng: jax.Array, labels: jax.typing.ArrayLike,
+                     valid: jax.typing.ArrayLike, *, num_classes: int,
+                     num: int) -> Tuple[jax.Array, jax.Array]:
+  """For every class c, `num` valid items with a label other than c, uniformly without
+  replacement and in random order (all of them, first, when there are fewer).
+
+  One random permutation of the valid items is shared by all classes, and class c takes the
+  first `num` items of it that are not labelled c. The restriction of a uniform random
+  permutation to a subset is a uniform random permutation of that subset, so each class's
+  draw has exactly the distribution of an independent uniform draw (`ops.random_subset` on
+  the mask `label != c`); the draws of different classes are not independent. Cost: two
+  sorts of N items and a `[C, num]` binary search, instead of a top-k over `C x N` random
+  keys (issue 17).
+
+  The j-th non-c item of the permutation sits at position j + m, m being the number of
+  class-c items before it; the k-th class-c item (position pos_k) has pos_k - k non-c items
+  before it, a non-decreasing sequence q_k, and m = #{k : q_k <= j}.
+
+  Args:
+    rng: PRNG key.
+    labels: `[N]` int labels; valid items must have labels in `[0, C)`.
+    valid: `[N]` bool, the items that may be drawn.
+    num_classes: C.
+    num: items per class (static, at most N).
+
+  Returns:
+    indices `[C, num]` int32 into the N items and valid `[C, num]` bool (a prefix per row).
+  """
+  labels = jnp.asarray(labels, jnp.int32).reshape(-1)
+  valid = jnp.asarray(valid, bool).reshape(-1)
+  n = labels.shape[0]
+  iota = jnp.arange(n, dtype=jnp.int32)
+  bits = jax.random.bits(rng, (n,), jnp.uint32)
+  _, _, perm = lax.sort(((~valid).astype(jnp.int32), bits, iota), num_keys=2)
+  n_valid = jnp.sum(valid, dtype=jnp.int32)
+  cls = jnp.where(iota < n_valid, jnp.take(labels, perm), num_classes)  # C = not drawable
+  # Positions of each class's items in the permutation, class by class, increasing.
+  _, pos = lax.sort((cls, iota), num_keys=2)
+  counts = jnp.zeros((num_classes + 1,), jnp.int32).at[cls].add(1)[:num_classes]
+  starts = jnp.cumsum(counts) - counts
+  rank = iota - jnp.take(jnp.concatenate([starts, jnp.array([n_valid])]),
+                         jnp.take(cls, pos))   # within-class rank of sorted item t
+  q = pos - rank   # non-c items before the k-th class-c item; non-decreasing per class
+  j = jnp.arange(num, dtype=jnp.int32)[None, :]
+  # m = #{k < count_c : q[start_c + k] <= j} by binary search on [lo, hi).
+  hi = jnp.broadcast_to(counts[:, None], (num_classes, num))
+  lo = jnp.zeros_like(hi)   # (typed like the inputs under shard_map)
+
+  def bisect(_, bounds):
+    lo, hi = bounds
+    mid = (lo + hi) // 2
+    below = (mid < hi) & (jnp.take(q, jnp.minimum(starts[:, None] + mid, n - 1)) <= j)
+    return jnp.where(below, mid + 1, lo), jnp.where(below, hi, mid)
+
+  m, _ = lax.fori_loop(0, max(1, int(n).bit_length()), bisect, (lo, hi))
+  position = j + m
+  ok = position < n_valid
+  return jnp.where(ok, jnp.take(perm, jnp.minimum(position, n - 1)), 0), ok
 
 
 def _masked_stats(x, mask):
@@ -137,7 +199,7 @@ def sample(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
            ks: Sequence[int] = density_lib.DEFAULT_KS,
            exclude_classes: Sequence[int] = (0,),
            small_class_density: Optional[float] = 1.0,
-           ignore_index: int = ops.IGNORE_INDEX, chunk_size: int = 1024,
+           ignore_index: int = ops.IGNORE_INDEX, chunk_size: int = density_lib.DEFAULT_CHUNK,
            compute_dtype: Optional[jnp.dtype] = None,
            axis_name: Optional[str] = None) -> Tuple[DGCLSelection, dict]:
   """Density-guided selection of anchors, positive keys and negatives (eqs. 9-11).
@@ -159,7 +221,9 @@ def sample(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
     4. batch keys: the `num_batch_keys` highest densities;
     5. bank keys: the `num_bank_keys` valid bank entries with the highest *stored* density;
     6. negatives: `num_negatives` pixels drawn uniformly without replacement among all batch
-       pixels with a label in `[0, C)` other than c (background included), all if fewer.
+       pixels with a label in `[0, C)` other than c (background included), all if fewer
+       (`sample_negatives`: every class's draw is uniform, the classes share one random
+       permutation).
 
   Args:
     features: `[N, Dv]` (or `[..., Dv]`, flattened) raw features for density; no gradient.
@@ -222,9 +286,9 @@ def sample(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   _, m_idx, m_valid = ops.masked_top_k(stored, bank_valid & class_valid[:, None],
                                        min(num_bank_keys, bank.capacity))
 
-  cls_ids = jnp.arange(c, dtype=jnp.int32)[:, None]
-  neg_mask = in_range[None, :] & (labels[None, :] != cls_ids) & class_valid[:, None]
-  neg_idx, neg_valid = ops.random_subset(rng_neg, neg_mask, min(num_negatives, n))
+  neg_idx, neg_valid = sample_negatives(rng_neg, labels, in_range, num_classes=c,
+                                        num=min(num_negatives, n))
+  neg_valid &= class_valid[:, None]
 
   selection = DGCLSelection(
       anchor_idx=anchor_idx, anchor_valid=a_valid,

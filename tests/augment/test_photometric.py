@@ -375,3 +375,47 @@ def test_random_photometric_ops_runs_the_active_slots_in_order():
     want = np.where(np.asarray(prm["active"][slot])[:, None, None, None], stepped, want)
   np.testing.assert_allclose(got, want, atol=1e-6)
   np.testing.assert_array_equal(got[pad], x[pad])
+
+
+# ---------------------------------------------------------------------------------------
+# Per-image ops (issue 17): the same views as the batched implementation they replaced.
+
+
+@pytest.mark.parametrize("preset", [p for p in P.PRESETS if p != "none"])
+@pytest.mark.parametrize("with_pad", [False, True])
+def test_strong_augment_equals_the_batched_implementation(preset, with_pad):
+  # `legacy.strong_augment` computes every op for every image and keeps one per image with
+  # `jnp.where`; the per-image `lax.switch` version must give the same views for the same
+  # key (up to float32 rounding: XLA fuses the ops differently in the two programs).
+  from experiments.benchmarks import legacy  # pylint: disable=g-import-not-at-top
+  x, pad = _strong_inputs()
+  m = pad if with_pad else None
+  new = jax.jit(lambda k, x, m: P.strong_augment(k, x, preset=preset, pad=m))
+  old = jax.jit(lambda k, x, m: legacy.strong_augment(k, x, preset=preset, pad=m))
+  for seed in range(3):
+    a = np.asarray(new(jax.random.key(seed), x, m))
+    b = np.asarray(old(jax.random.key(seed), x, m))
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+    assert not np.array_equal(a, x)  # the view did change the images
+
+
+def test_only_the_drawn_op_is_computed():
+  # Images go through `lax.map` one at a time and each op slot is a `lax.switch` (a `cond`
+  # with one branch per op) on that image, so an image computes only its own ops; the
+  # batched version computed all eleven DSSN ops (and all four jitter ops) per slot.
+  from jax.extend import core as jex  # pylint: disable=g-import-not-at-top
+  x, pad = _strong_inputs()
+  jaxpr = jax.make_jaxpr(lambda k, x, m: P.strong_augment(k, x, preset="dssn", pad=m))(
+      jax.random.key(0), x, pad).jaxpr
+
+  def walk(jaxpr, inside_map=False):
+    for eqn in jaxpr.eqns:
+      yield eqn, inside_map
+      mapped = inside_map or (eqn.primitive.name == "scan" and eqn.params["length"] == _NB)
+      for sub in jex.jaxprs_in_params(eqn.params):
+        yield from walk(sub, mapped)
+
+  conds = [(len(e.params["branches"]), inside) for e, inside in walk(jaxpr)
+           if e.primitive.name == "cond"]
+  assert (len(P.DSSN_OPS), True) in conds and (4, True) in conds
+  assert all(inside for _, inside in conds)

@@ -122,21 +122,23 @@ def test_official_steps_and_lr(method, dataset, protocol, split, extra, epoch, t
 def test_method_specific_official_settings():
   voc = get_config("dgcl", real_arg("voc", "classic", "732"))
   assert (voc.train.supervised_warmup_steps, voc.ema.decay, voc.ema.copy_steps,
-          voc.dgcl.steps_per_epoch) == (615, 0.999, 615, 615)
+          voc.pseudo_label.entropy_percentile.steps_per_epoch,
+          voc.dgcl_contrast.steps_per_epoch) == (615, 0.999, 615, 615, 615)
   assert (voc.model.kwargs.output_stride, voc.model.kwargs.multi_grid) == (16, (1, 2, 4))
   assert (voc.loss.supervised, voc.eval.mode, voc.eval.crop) == ("ce", "center_crop", 513)
-  assert voc.dgcl.bank_size == 10000 and voc.dgcl.num_anchors == 200   # official, not embedded
+  assert voc.dgcl_contrast.bank_size == 10000 and voc.dgcl_contrast.num_anchors == 200  # official
   city = get_config("dgcl", real_arg("cityscapes", "cps", "1/8"))
   assert city.train.supervised_warmup_steps == 10 * 163                  # sup_only_epoch 10
   assert (city.model.kwargs.output_stride, city.loss.ohem_min_kept) == (8, 8 * 100000)
   assert (city.eval.window, city.eval.stride) == (800, 534)
 
   dssn_voc = get_config("dssn", real_arg("voc", "blended_cps", "1/16"))
-  assert (dssn_voc.dssn.pseudo_rule, dssn_voc.dssn.w2s_start_step, dssn_voc.ema.copy_steps,
+  assert (dssn_voc.pseudo_label.rule, dssn_voc.dssn.w2s_start_step, dssn_voc.ema.copy_steps,
           dssn_voc.eval.mode) == ("cplg", 1, 1, "whole")
   assert not dssn_voc.model.kwargs.get("multi_grid")
   dssn_city = get_config("dssn", real_arg("cityscapes", "cps", "1/8"))
-  assert (dssn_city.dssn.pseudo_rule, dssn_city.dssn.conf_threshold) == ("confidence", 0.0)
+  assert (dssn_city.pseudo_label.rule, dssn_city.pseudo_label.confidence.threshold) == (
+      "confidence", 0.0)
   assert dssn_city.dssn.w2s_start_step == dssn_city.ema.copy_steps == 5 * 326
   assert (dssn_city.eval.window, dssn_city.eval.stride, dssn_city.loss.supervised) == (
       801, 534, "ohem")
@@ -148,20 +150,20 @@ def test_smoke_on_real_data_shortens_epoch_schedules():
   c = get_config("dssn", real_arg("cityscapes", "cps", "1/8", ",smoke"))
   assert c.train.total_steps == 4 and c.dssn.w2s_start_step == 1 and c.ema.copy_steps == 1
   c = get_config("dgcl", real_arg("voc", "classic", "732", ",smoke"))
-  assert c.train.supervised_warmup_steps == 1 and c.dgcl.bank_size == 64
+  assert c.train.supervised_warmup_steps == 1 and c.dgcl_contrast.bank_size == 64
 
 
 def _embedded_reference(method, split="1/16", seed=0, split_seed=0):
   """The embedded config as the method files built it before the recipes existed."""
-  c = base.get_config()
-  c.method.name = method
+  c = methods.configure(base.get_config(), method)
   if method == "dgcl":
     for k, v in dict(projection_dim=32, bank_size=2000, push_per_class=200,
-                     min_bank_size_for_density=200, max_pixels_per_class=2048, num_anchors=64,
+                     min_bank_size=200, max_per_class=2048, num_anchors=64,
                      num_batch_keys=16, num_bank_keys=16, num_negatives=256).items():
-      c.dgcl[k] = v
+      c.dgcl_contrast[k] = v
   if method == "dssn":
     c.ema.decay, c.ema.warmup, c.ema.copy_steps = 0.996, "none", 1
+  c.model.pretrained = "embedded"
   c.data.split, c.seed, c.data.split_seed = split, seed, split_seed
   return c
 

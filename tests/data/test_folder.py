@@ -96,7 +96,7 @@ def test_explicit_splits(tmp_path):
   parts = folder.load(d["root"])
   assert parts.labeled.ids == ("case_001", "case_004") and parts.val.ids == ("case_007",)
   assert len(parts.unlabeled) == 8 - 3 + 2 and parts.spec.protocol == "explicit"
-  with pytest.raises(DataError, match="explicit splits"):
+  with pytest.raises(DataError, match="lists splits.labeled.*split=explicit"):
     folder.load(d["root"], fraction=0.5)
   meta["splits"]["unlabeled"] = ["case_001"]
   _rewrite_metadata(d["root"], meta)

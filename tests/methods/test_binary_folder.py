@@ -22,8 +22,9 @@ def test_method_trains_on_a_binary_folder_dataset(name, tmp_path):
   c.train.total_steps, c.train.eval_every, c.train.checkpoint_every = 3, 0, 0
   c.train.supervised_warmup_steps = 0
   if name == "dgcl":   # 2 classes, background excluded: class 1 is the only anchor class
-    c.dgcl.bank_size, c.dgcl.push_per_class, c.dgcl.min_bank_size_for_density = 16, 16, 8
-    c.dgcl.wait_for_full_bank = False
+    t = c.dgcl_contrast
+    t.bank_size, t.push_per_class, t.min_bank_size = 16, 16, 8
+    t.wait_for_full_bank = False
   res = loop.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
   assert res["steps"] == 3 and len(res["per_class_iou_teacher"]) == 2
   assert 0 <= res["miou_teacher"] <= 100

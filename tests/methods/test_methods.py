@@ -57,10 +57,10 @@ def test_method_step_is_finite_and_reports_its_terms(name):
 
 
 def test_dgcl_bank_fills_and_loss_starts_when_full():
-  run, state, history = _run_steps("dgcl", steps=4, **{"dgcl.bank_size": 8,
-                                                        "dgcl.push_per_class": 8,
-                                                        "dgcl.min_bank_size_for_density": 4})
-  counts = np.asarray(state.method_state["bank"].count)
+  run, state, history = _run_steps("dgcl", steps=4, **{"dgcl_contrast.bank_size": 8,
+                                                        "dgcl_contrast.push_per_class": 8,
+                                                        "dgcl_contrast.min_bank_size": 4})
+  counts = np.asarray(state.method_state["dgcl_contrast"]["bank"].count)
   assert counts.max() == 8 and counts.min() > 0
   fills = [h["bank/fill_mean"] for h in history]
   assert fills[0] < fills[-1]

@@ -164,3 +164,30 @@ def test_channel_dropout_drops_whole_channels():
   elementwise = layers.channel_dropout(0.5, channelwise=False).apply(
       {}, x, deterministic=False, rngs={'dropout': jax.random.key(0)})
   assert not np.all(np.asarray(elementwise).reshape(4, 30, 32) == per_channel[:, :1])
+
+
+@pytest.mark.parametrize('size,kernel,stride,dilation', [
+    (4, 3, 1, 12), (4, 3, 1, 36), (5, 3, 1, 3), (9, 3, 2, 1), (8, 3, 2, 4), (33, 3, 1, 18),
+    (1, 3, 1, 1), (3, 7, 2, 1)])
+def test_conv_equals_flax_conv_also_when_taps_only_read_padding(size, kernel, stride,
+                                                                 dilation):
+  # `layers.Conv` skips kernel taps that only ever read padding (dilation >= the input size,
+  # e.g. ASPP rate 36 on a 4x4 map): same values and gradients as the padded `nn.Conv`.
+  x = _x(1, (2, size, size + 3, 5))
+  pad = dilation * (kernel - 1) // 2
+  ref = nn.Conv(4, (kernel, kernel), strides=(stride, stride), padding=((pad, pad),) * 2,
+                kernel_dilation=(dilation, dilation), use_bias=True)
+  ours = layers.conv(4, kernel, strides=stride, dilation=dilation, use_bias=True)
+  variables = jax.tree.map(lambda a: a + 0.3, ref.init(jax.random.key(0), x))
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      jax.eval_shape(ours.init, jax.random.key(0), x))
+
+  def value_and_grads(module):
+    return jax.jit(jax.value_and_grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))),
+                                      argnums=(0, 1)))(variables, x)
+
+  (a, ga), (b, gb) = value_and_grads(ref), value_and_grads(ours)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ref.apply(variables, x), ours.apply(variables, x), atol=1e-5)

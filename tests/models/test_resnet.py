@@ -129,9 +129,10 @@ def test_dilations_and_multi_grid(output_stride, strides, expected, expected_mg)
   if output_stride != 32:
     assert mg[3][1] == _u2pl_layer4_dilations(output_stride)
 
-  # The 3x3 convs that actually run have these dilations (read off the jaxpr).
+  # The 3x3 convs that actually run have these dilations (read off the jaxpr; the input is
+  # large enough that no dilated tap reads only padding, which `layers.Conv` would skip).
   model = resnet.ResNet(multi_grid=(1, 2, 4), **kwargs)
-  x = jnp.zeros((1, 33, 33, 3))
+  x = jnp.zeros((1, 129, 129, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   jaxpr = jax.make_jaxpr(model.apply)(variables, x)
   dilations = [e.params['rhs_dilation'][0] for e in jaxpr.eqns
@@ -187,3 +188,109 @@ def test_zero_init_residual():
   y = jax.jit(block.apply)(variables, x)
   shortcut = jnp.einsum('bhwc,cd->bhwd', x, variables['params']['downsample_0']['kernel'][0, 0])
   np.testing.assert_allclose(y, jax.nn.relu(shortcut), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Scanned blocks and rematerialisation (issue 17).
+
+
+def test_scanned_layout_keeps_parameter_counts():
+  for preset, count in ((resnet.resnet50, 23_508_032), (resnet.resnet101, 42_500_160)):
+    scanned = _abstract_init(preset())['params']
+    plain = _abstract_init(preset(scan_blocks=False))['params']
+    assert _param_count(scanned) == _param_count(plain) == count
+    assert sorted(k for k in scanned if 'scan' in k) == [
+        'layer1_scan1', 'layer2_scan1', 'layer3_scan1', 'layer4_scan1']
+  r101 = _abstract_init(resnet.resnet101())['params']
+  assert r101['layer3_scan1']['conv2']['kernel'].shape == (22, 3, 3, 256, 256)
+  assert 'layer3_0' in r101 and 'layer3_1' not in r101
+  # Multi-grid layer4 blocks differ in dilation: they stay single blocks.
+  mg = resnet.resnet101(output_stride=16, multi_grid=(1, 2, 4))
+  assert mg.block_groups()[3] == [(0, 1, 2), (1, 1, 4), (2, 1, 8)]
+  assert mg.block_groups()[2] == [(0, 1, 1), (1, 22, 1)]
+  assert resnet.resnet101(scan_blocks=False).block_groups()[2] == [
+      (j, 1, 1) for j in range(23)]
+
+
+def _small_bottleneck(**kwargs):
+  return resnet.ResNet(stage_sizes=(2, 3, 3, 3), widths=(4, 4, 8, 8), stem='deep',
+                       stem_width=8, output_stride=16, **kwargs)
+
+
+@pytest.mark.parametrize('multi_grid', [None, (1, 2, 4)])
+def test_scanned_equals_unscanned_for_the_same_weights(multi_grid):
+  from semijax.models import weights  # pylint: disable=g-import-not-at-top
+  plain = _small_bottleneck(scan_blocks=False, multi_grid=multi_grid)
+  scanned = _small_bottleneck(multi_grid=multi_grid)
+  x = jax.random.uniform(jax.random.key(3), (2, 33, 33, 3))
+  variables = random_variables(plain, x)
+  stacked = weights.stack_blocks(variables, jax.eval_shape(scanned.init, jax.random.key(0), x))
+  assert 'layer2_scan1' in stacked['params'] and 'layer2_1' not in stacked['params']
+
+  def run(model, v):
+    def loss(params):
+      out, state = model.apply({'params': params, 'batch_stats': v['batch_stats']}, x,
+                               train=True, mutable=['batch_stats'])
+      return sum(jnp.sum(o ** 2) for o in out.values()), (out, state['batch_stats'])
+    (_, (out, stats)), grads = jax.value_and_grad(loss, has_aux=True)(v['params'])
+    return out, stats, grads, model.apply(v, x, train=False)
+
+  a = jax.jit(lambda v: run(plain, v))(variables)
+  b = jax.jit(lambda v: run(scanned, v))(stacked)
+  for name in a[0]:
+    np.testing.assert_allclose(a[0][name], b[0][name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(a[3][name], b[3][name], rtol=1e-5, atol=1e-5, err_msg=name)
+  # BN statistics and gradients, compared in the per-block layout (float32 sums in another
+  # order: errors relative to each leaf's largest entry).
+  for tree_a, tree_b in ((a[1], b[1]), (a[2], b[2])):
+    flat_a = traverse_util.flatten_dict(tree_a)
+    flat_b = traverse_util.flatten_dict(weights.unstack_blocks(tree_b))
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+      scale = float(np.max(np.abs(flat_a[k])))
+      np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=0, atol=1e-5 * scale,
+                                 err_msg=str(k))
+
+
+def test_remat_modes_give_the_same_values_and_gradients():
+  x = jax.random.uniform(jax.random.key(4), (2, 33, 33, 3))
+  variables = random_variables(_small_bottleneck(), x)
+
+  def grads(remat):
+    model = _small_bottleneck(remat=remat)
+
+    def loss(params):
+      out, state = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                               train=True, mutable=['batch_stats'])
+      return jnp.sum(out['layer4'] ** 2), state['batch_stats']
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+
+  (ref, ref_stats), ref_grads = grads('none')
+  for remat in ('blocks', 'full'):
+    (value, stats), g = grads(remat)
+    np.testing.assert_allclose(value, ref, rtol=1e-6)
+    for u, v in zip(jax.tree.leaves((ref_stats, ref_grads)), jax.tree.leaves((stats, g))):
+      np.testing.assert_allclose(u, v, rtol=0, atol=1e-5 * float(np.max(np.abs(u))))
+  with pytest.raises(ValueError, match='remat'):
+    resnet.remat_policy('some')
+
+
+def test_remat_keeps_fewer_residuals():
+  # What the backward pass keeps: 'blocks' drops BatchNorm/ReLU temporaries (only conv
+  # outputs), 'full' everything but each block's input.
+  from semijax.models import memory  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((4, 65, 65, 3))
+  variables = jax.eval_shape(_small_bottleneck().init, jax.random.key(0), x)
+
+  def peak(remat):
+    model = _small_bottleneck(remat=remat)
+
+    def loss(params, batch_stats):
+      out, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                           mutable=['batch_stats'])
+      return jnp.sum(out['layer4'])
+    return memory.estimate_step_bytes(jax.grad(loss), variables['params'],
+                                      variables['batch_stats'])
+
+  none, blocks, full = peak('none'), peak('blocks'), peak('full')
+  assert none > blocks > full

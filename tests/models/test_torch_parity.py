@@ -12,8 +12,9 @@ import pytest
 
 from semijax.models import resnet, weights
 
-torch = pytest.importorskip('torch')
-torchvision = pytest.importorskip('torchvision')
+_HOW = 'torch parity needs the torch extra: run `make test-torch`'
+torch = pytest.importorskip('torch', reason=_HOW)
+torchvision = pytest.importorskip('torchvision', reason=_HOW)
 nn = torch.nn
 
 STAGES = ('layer1', 'layer2', 'layer3', 'layer4')

@@ -81,7 +81,9 @@ def test_resnet50_torchvision_names_load_completely():
   assert isinstance(params['aspp']['b0_conv']['kernel'], jax.ShapeDtypeStruct)
   np.testing.assert_array_equal(params['backbone']['conv1']['kernel'],
                                 sd['conv1.weight'].transpose(2, 3, 1, 0))
-  blk = params['backbone']['layer3_5']
+  # ResNet-50's identical blocks are scanned (stacked); torchvision's per-block view:
+  assert 'layer3_scan1' in params['backbone']
+  blk = weights.unstack_blocks(params['backbone'])['layer3_5']
   np.testing.assert_array_equal(blk['conv2']['kernel'],
                                 sd['layer3.5.conv2.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(blk['bn2']['scale'], sd['layer3.5.bn2.weight'])
@@ -178,3 +180,69 @@ def test_load_backbone_checks_the_stem(tmp_path):
       f'loaded {len(report.loaded)}, missing 0, unexpected 0, shape mismatches 0, '
       f'skipped {len(report.skipped)}')
   assert weights.checkpoint_stem(deep) == 'deep' and weights.checkpoint_stem(tv) == 'torchvision'
+
+
+# ----------------------------------------------------------------------------------------
+# Scanned (stacked) block layout (issue 17).
+
+
+def _scan_pair(**kwargs):
+  kw = dict(stage_sizes=(2, 3, 1, 3), widths=(4, 4, 8, 8), stem='deep', stem_width=8, **kwargs)
+  return resnet.ResNet(scan_blocks=False, **kw), resnet.ResNet(**kw)
+
+
+def test_scanned_model_loads_and_writes_torchvision_names():
+  plain, scanned = _scan_pair()
+  sd = torchvision_state_dict((2, 3, 1, 3), stem='deep', widths=(4, 4, 8, 8), stem_width=8)
+  x = jnp.zeros((1, 33, 33, 3))
+  loaded = {}
+  for name, model in (('plain', plain), ('scanned', scanned)):
+    v = _abstract_variables(model)
+    params, stats, report = weights.load_torchvision_weights(v['params'], v['batch_stats'], sd)
+    assert report.ok and len(report.loaded) == len(sd) - len(report.skipped), name
+    loaded[name] = {'params': params, 'batch_stats': stats}
+  assert loaded['scanned']['params']['layer2_scan1']['conv1']['kernel'].shape == (2, 1, 1, 16, 4)
+  np.testing.assert_array_equal(loaded['scanned']['params']['layer2_scan1']['bn3']['bias'][1],
+                                sd['layer2.2.bn3.bias'])
+  # Same weights, same network.
+  x = jax.random.uniform(jax.random.key(0), (2, 33, 33, 3))
+  out_plain = jax.jit(plain.apply)(loaded['plain'], x)
+  out_scanned = jax.jit(scanned.apply)(loaded['scanned'], x)
+  for k in out_plain:
+    np.testing.assert_allclose(out_plain[k], out_scanned[k], rtol=1e-5, atol=1e-5)
+  # Written back: torchvision's names and values, whatever the layout.
+  for name in ('plain', 'scanned'):
+    back = weights.backbone_state_dict(loaded[name]['params'], loaded[name]['batch_stats'])
+    assert set(back) == {k for k in sd if not k.startswith('fc.')}, name
+    for k, v in back.items():
+      if not k.endswith('num_batches_tracked'):
+        np.testing.assert_array_equal(v, sd[k], err_msg=k)
+
+
+def test_stack_and_unstack_blocks_are_inverse():
+  plain, scanned = _scan_pair(multi_grid=(1, 2, 4), output_stride=8)
+  x = jnp.zeros((1, 33, 33, 3))
+  variables = random_variables(plain, x)
+  like = jax.eval_shape(scanned.init, jax.random.key(0), x)
+  stacked = weights.stack_blocks(variables, like)
+  assert jax.tree.structure(stacked) == jax.tree.structure(like)
+  assert jax.tree.map(lambda a: a.shape, stacked) == jax.tree.map(lambda a: a.shape, like)
+  assert 'layer4_1' in stacked['params']   # multi-grid: layer4 blocks stay single
+  back = weights.unstack_blocks(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(variables)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  # Abstract trees convert too; a missing block is named.
+  abstract = weights.unstack_blocks(like)
+  assert abstract['params']['layer2_2']['conv2']['kernel'].shape == (3, 3, 4, 4)
+  del back['params']['layer2_2']
+  with pytest.raises(KeyError, match='layer2_2'):
+    weights.stack_blocks(back, like)
+  # A partial load into an abstract scanned tree keeps the incomplete stack abstract.
+  sd = torchvision_state_dict((2, 3, 1, 3), stem='deep', widths=(4, 4, 8, 8), stem_width=8)
+  del sd['layer2.1.conv1.weight']
+  params, _, report = weights.load_torchvision_weights(like['params'], like['batch_stats'], sd,
+                                                       strict=False)
+  assert report.missing == ['layer2.1.conv1.weight']
+  assert isinstance(params['layer2_scan1']['conv1']['kernel'], jax.ShapeDtypeStruct)
+  assert isinstance(params['layer2_scan1']['conv2']['kernel'], jax.Array)

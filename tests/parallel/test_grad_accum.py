@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from semijax.ops import resize_nearest
-from semijax.train import loop
+from semijax.train import config_checks, loop
 from . import harness
 
 STEPS = 3
@@ -49,7 +49,7 @@ def test_four_micro_batches_of_two_equal_one_step_of_eight():
 def test_bank_push_sees_every_micro_batch():
   """DGCL with 2 micro-batches: the one push after the step holds both micro-batches' rows."""
   config = harness.smoke_config("dgcl", **{"train.num_devices": 1, "train.grad_accum_steps": 2,
-                                           "dgcl.bank_size": 1024, "dgcl.push_per_class": 1024})
+                                           "dgcl_contrast.bank_size": 1024, "dgcl_contrast.push_per_class": 1024})
   state, history = harness.train(config, 1)
   assert history[0]["finite"] == 1.0
   counts = np.asarray(state.method_state["bank"].count)
@@ -91,11 +91,11 @@ def test_layout_is_checked_and_compared_with_the_recipe():
   run.check_batches()
   assert "in 4 micro-batches of 2" in run.describe()
   assert "per device 2 per forward pass" in run.describe()
-  warnings = loop._recipe_warnings(config, run.mesh)   # pylint: disable=protected-access
+  warnings = config_checks.recipe_warnings(config, run.mesh)
   assert len(warnings) == 1 and "micro-batches of 2 labeled images" in warnings[0]
   config.data.labeled_batch = 4                        # half the recipe's batch
-  warnings = loop._recipe_warnings(config, run.mesh)   # pylint: disable=protected-access
+  warnings = config_checks.recipe_warnings(config, run.mesh)
   assert f"optim.base_lr={config.optim.base_lr / 2:g}" in warnings[0]
   config.train.sync_bn, config.train.bn_groups = False, 2
-  warnings = loop._recipe_warnings(config, run.mesh)   # pylint: disable=protected-access
+  warnings = config_checks.recipe_warnings(config, run.mesh)
   assert any("train.bn_groups=2" in w and "4 GPUs" in w for w in warnings)

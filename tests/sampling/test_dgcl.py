@@ -194,3 +194,62 @@ def test_push_bank_under_mesh_jit_matches_single_device(mesh8):
   got = jax.jit(lambda b, f, p, l, k: dgcl.push_bank(b, f, p, l, k, **kw))(
       bank, shard(feats), shard(projs), shard(labels), key)
   chex.assert_trees_all_close(got, ref, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Negatives (issue 17): one shared permutation instead of a top-k of random bits per class.
+
+
+def _negatives_case():
+  labels = np.array([0] * 9 + [1] * 5 + [2] * 2 + [3] * 0 + [255] * 4 + [1, 0, 2, 0])
+  rng = np.random.default_rng(7)
+  perm = rng.permutation(len(labels))
+  return labels[perm].astype(np.int32)
+
+
+_negatives = jax.jit(jax.vmap(functools.partial(dgcl.sample_negatives, num_classes=C, num=6),
+                              in_axes=(0, None, None)))
+
+
+def test_sample_negatives_structure():
+  labels = _negatives_case()
+  valid = labels != 255
+  idx, ok = (np.asarray(a) for a in _negatives(jax.random.split(jax.random.key(0), 50),
+                                               labels, valid))
+  for c in range(C):
+    eligible = np.nonzero(valid & (labels != c))[0]
+    want = min(6, len(eligible))
+    assert np.all(ok[:, c, :want]) and not np.any(ok[:, c, want:])  # a prefix of `want`
+    for draw in range(50):
+      chosen = idx[draw, c][ok[draw, c]]
+      assert len(set(chosen)) == want and set(chosen) <= set(eligible)
+  # Fewer valid items than `num`: all of them.
+  few = np.full_like(labels, 255)
+  few[:3] = [0, 1, 1]
+  idx, ok = (np.asarray(a)[0] for a in _negatives(jax.random.key(1)[None], few, few != 255))
+  assert sorted(idx[0][ok[0]]) == [1, 2] and list(idx[1][ok[1]]) == [0]
+  assert sorted(idx[3][ok[3]]) == [0, 1, 2]
+
+
+def test_sample_negatives_distribution_is_uniform_per_class():
+  # Each class's draw must be a uniform `num`-subset of its eligible items in uniformly
+  # random order, as `ops.random_subset` on the mask `label != c` draws it: every eligible
+  # item is chosen with probability num / n_eligible, and lands in the first slot with
+  # probability 1 / n_eligible (chi-square tests over 4000 draws, fixed keys).
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  labels = _negatives_case()
+  valid = labels != 255
+  draws = 4000
+  idx, ok = (np.asarray(a) for a in _negatives(
+      jax.random.split(jax.random.key(3), draws), labels, valid))
+  pvalues = []
+  for c in range(C):
+    eligible = np.nonzero(valid & (labels != c))[0]
+    num = min(6, len(eligible))
+    chosen = np.bincount(idx[:, c][ok[:, c]], minlength=len(labels))[eligible]
+    assert chosen.sum() == draws * num
+    pvalues.append(stats.chisquare(chosen, np.full(len(eligible), draws * num / len(eligible)))
+                   .pvalue)
+    first = np.bincount(idx[:, c, 0], minlength=len(labels))[eligible]
+    pvalues.append(stats.chisquare(first).pvalue)
+  assert min(pvalues) > 1e-3, pvalues

@@ -187,7 +187,10 @@ def test_empty_splits(folder, tmp_path):
   assert_refused(c, str(tmp_path / "run"), DataError, "no validation images")
   # A fraction asked of a folder that lists its splits, and the other way round.
   assert_refused(folder_config(folder["root"]), str(tmp_path / "run"), DataError,
-                 "gives explicit splits: set config.data.split='explicit'")
+                 "lists splits.labeled; a val_fraction could hold out labeled images")
+  assert_refused(folder_config(folder["root"], val_fraction=0.0), str(tmp_path / "run"),
+                 DataError, r"lists splits.labeled, so a labeled fraction \(1\) has nothing to "
+                 "draw from: train on the list with split=explicit")
 
 
 def test_unknown_field_and_wrong_type(tmp_path):

@@ -1,0 +1,56 @@
+"""The methods' steps are bit-identical to the values recorded before they became plugins.
+
+`recorded_steps.json` holds, for each method's smoke config (SGD, 1 device, synthetic
+batches), the metrics of 3 train steps and SHA-256 digests of the final state, recorded with
+the code before the plugin refactor (commit 12589ec: methods with their own config blocks in
+base.py), with that commit's method code run on the current augmentation module
+(`python tests/methods/record_steps.py`). Any change of a method's arithmetic, random
+streams or BatchNorm batches shows up here as a changed bit.
+"""
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests.parallel import harness
+
+RECORDED = os.path.join(os.path.dirname(__file__), "recorded_steps.json")
+FIELDS = ("params", "batch_stats", "ema_params", "ema_batch_stats", "method_state")
+
+
+def digest(tree) -> str:
+  """SHA-256 of every array leaf's bytes, in tree order (PRNG keys skipped)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    a = np.asarray(leaf)
+    if a.dtype == object or str(a.dtype).startswith("key"):
+      continue
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def record(name: str, steps: int = 3) -> dict:
+  """Metrics of `steps` smoke steps and digests of the final state, for method `name`."""
+  config = harness.smoke_config(name)
+  config.train.num_devices = 1
+  state, history = harness.train(config, steps=steps)
+  return {"metrics": [{k: float(np.asarray(v)) for k, v in m.items()} for m in history],
+          "digests": {f: digest(getattr(state, f)) for f in FIELDS}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["supervised", "mean_teacher", "dgcl", "dssn"])
+def test_steps_match_the_recording(name):
+  with open(RECORDED) as f:
+    expected = json.load(f)[name]
+  got = record(name)
+  for t, (want, have) in enumerate(zip(expected["metrics"], got["metrics"])):
+    for key, value in want.items():
+      assert key in have, f"step {t}: metric {key!r} is gone"
+      assert have[key] == value or (np.isnan(value) and np.isnan(have[key])), (
+          f"step {t} {key}: recorded {value!r}, now {have[key]!r}")
+  assert got["digests"] == expected["digests"]
