@@ -35,6 +35,7 @@ def main(argv):
   del argv
   cli.setup()
   import importlib  # pylint: disable=g-import-not-at-top
+
   from semijax.train import loop  # pylint: disable=g-import-not-at-top
   rows, t0 = [], time.time()
   for entry in FLAGS.runs:

@@ -38,8 +38,8 @@ import shutil
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
-from absl import logging as absl_logging
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers
 
 from semijax.data.sources import DataError
@@ -178,9 +178,9 @@ class Checkpointer:
     hint = " Free some space (or move --workdir), then rerun the same command to resume." \
         if full else ""
     return CheckpointSaveError(
-        f"could not write checkpoint {'step %d ' % failed if failed is not None else ''}"
+        f"could not write checkpoint {f'step {failed} ' if failed is not None else ''}"
         f"in {self.directory}: {reason}. The previous checkpoint "
-        f"({'step %d' % intact if intact is not None else 'none'}) is intact; the unfinished "
+        f"({f'step {intact}' if intact is not None else 'none'}) is intact; the unfinished "
         f"one is removed when the run restarts.{hint}")
 
   def save(self, step: int, state: Any, data_state: Optional[dict], meta: Dict[str, Any],
@@ -293,14 +293,6 @@ def prepare_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
-
-
-def check_workdir_writable(workdir: str) -> None:
-  """Fails early (before any training) if `workdir` cannot be created or written.
-
-  Creates the directory; prefer `check_workdir` (no writes) then `prepare_workdir`.
-  """
-  prepare_workdir(workdir)
 
 
 def atomic_write_text(path: str, text: str) -> None:

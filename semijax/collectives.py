@@ -73,13 +73,6 @@ def local_rows(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return lax.dynamic_slice_in_dim(x, lax.axis_index(axis_name) * n, n, axis=0)
 
 
-def global_mean(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  """Mean over devices of a per-device value (metrics only; not for losses)."""
-  if axis_name is None:
-    return x
-  return lax.pmean(x, axis_name)
-
-
 def same_rng(rng: jax.Array, axis_name: Optional[str]) -> jax.Array:
   """Returns the key of device 0 on every device.
 

@@ -83,8 +83,7 @@ PRESETS = {
 _TINY_KWARGS = dict(widths=(8, 16, 16, 16), stem_width=8, stem_stride=2, stem_pool=True,
                     output_stride=8)
 # DGCL's bank and sample sizes, under the field names of its config blocks.
-_TINY_METHOD = {"bank_size": 64, "push_per_class": 16, "min_bank_size_for_density": 16,
-                "min_bank_size": 16, "max_pixels_per_class": 64, "max_per_class": 64,
+_TINY_METHOD = {"bank_size": 64, "push_per_class": 16, "min_bank_size": 16, "max_per_class": 64,
                 "num_anchors": 8, "num_batch_keys": 4, "num_bank_keys": 4,
                 "num_negatives": 16, "projection_dim": 16}
 _TINY_BLOCKS = ("dgcl", "dgcl_contrast")

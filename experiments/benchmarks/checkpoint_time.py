@@ -1,7 +1,9 @@
 """Checkpoint cost: how long a save blocks the train loop, and how long until it is on disk.
 
-    python -m experiments.benchmarks.checkpoint_time --preset=demo --out=results/checkpoint_demo.json
-    python -m experiments.benchmarks.checkpoint_time --preset=r101 --out=results/checkpoint_r101.json
+    python -m experiments.benchmarks.checkpoint_time --preset=demo \
+        --out=results/checkpoint_demo.json
+    python -m experiments.benchmarks.checkpoint_time --preset=r101 \
+        --out=results/checkpoint_r101.json
 
 Each repetition saves the whole TrainState (student, EMA teacher, optimizer state, BN
 statistics, method state), the data iterator state and the metadata through

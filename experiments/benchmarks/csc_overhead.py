@@ -173,8 +173,8 @@ def make_csc_fns(s: Settings) -> Dict[str, callable]:
   def bank_update(fl, fu, ll, lu, sl, su, gated, rng):
     k1, k2 = jax.random.split(jax.random.fold_in(rng, 1))
     stats = []
-    for f, l, sel, k in ((fl, ll, sl, k1), (fu, lu, su, k2)):
-      items, valid = csc_bank.enqueue_items(jax.lax.stop_gradient(f), l, None, k,
+    for f, lab, sel, k in ((fl, ll, sl, k1), (fu, lu, su, k2)):
+      items, valid = csc_bank.enqueue_items(jax.lax.stop_gradient(f), lab, None, k,
                                             num_classes=s.num_classes,
                                             pixels_per_class=s.pixels_per_class)
       gated, aux = csc_bank.gated_update(gated, sel.features, sel.labels, sel.valid, items,

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli
+
 # Also defines --preset (default here: demo), --steps and --out.
 from experiments.benchmarks import step_time
 
@@ -74,7 +75,7 @@ def measure(num_devices: int) -> dict:
   t = time.time()
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=FLAGS.timeout,
                        check=False)
-  lines = [l for l in out.stdout.splitlines() if l.startswith(MARK)]
+  lines = [line for line in out.stdout.splitlines() if line.startswith(MARK)]
   if out.returncode or not lines:
     raise RuntimeError(f"{num_devices} devices: exit {out.returncode}\n"
                        f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -110,7 +111,8 @@ def main(argv):
     }
   first = runs[counts[0]][0]
   result = {
-      "preset": FLAGS.preset or "demo", "method": first["method"], "labeled_batch": first["labeled_batch"],
+      "preset": FLAGS.preset or "demo", "method": first["method"],
+      "labeled_batch": first["labeled_batch"],
       "unlabeled_batch": first["unlabeled_batch"], "steps_per_measurement": FLAGS.steps,
       "repeats": FLAGS.repeats, "platform": first["platform"], "cpu_count": os.cpu_count(),
       "load_average_at_end": list(os.getloadavg()),

@@ -39,6 +39,7 @@ per-loop single chunk replaced by that analytic count.
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import time
@@ -86,10 +87,10 @@ class Settings:
   num_batch_keys: int = 50
   num_bank_keys: int = 50
   num_negatives: int = 512
-  max_pixels_per_class: int = 10000
+  max_per_class: int = 10000     # candidate pixels per class (was max_pixels_per_class)
   ks: Tuple[int, ...] = (8, 16, 32)
   push_per_class: int = 1000
-  min_bank_size_for_density: int = 1000
+  min_bank_size: int = 1000      # density stored above this fill (was ..._for_density)
   chunk_size: int = 256   # the library default since issue 17 (1024 before)
   baseline_chunk_size: int = 1024   # the baseline revision's default
   exclude_classes: Tuple[int, ...] = (0,)
@@ -117,8 +118,8 @@ def settings_for(scale: str, **overrides) -> Settings:
     base = Settings(
         scale="small", num_classes=5, bank_size=64, feature_dim=16, projection_dim=16,
         dgcl_images=2, feature_size=17, num_anchors=8, num_batch_keys=4, num_bank_keys=4,
-        num_negatives=16, max_pixels_per_class=64, ks=(2, 4, 8), push_per_class=16,
-        min_bank_size_for_density=16, chunk_size=32, model="deeplabv3plus_small",
+        num_negatives=16, max_per_class=64, ks=(2, 4, 8), push_per_class=16,
+        min_bank_size=16, chunk_size=32, model="deeplabv3plus_small",
         model_kwargs=(), crop_size=65, model_batches=(1, 2), target_batch=2, reps=2,
         dgcl_inner=2)
   else:
@@ -215,18 +216,23 @@ def dgcl_inputs(s: Settings, rng: np.random.Generator, centres: np.ndarray):
 # The DGCL functions.
 
 
-def _loss_kwargs(s: Settings, compute_dtype) -> dict:
-  return dict(num_anchors=s.num_anchors, num_batch_keys=s.num_batch_keys,
-              num_bank_keys=s.num_bank_keys, num_negatives=s.num_negatives,
-              max_pixels_per_class=s.max_pixels_per_class, ks=s.ks,
-              exclude_classes=s.exclude_classes, chunk_size=s.chunk_size,
-              compute_dtype=compute_dtype)
+def _name(fn, new: str, old: str) -> str:
+  """`new` if `fn` takes it, else `old` (a baseline revision from before issue 13's renames)."""
+  return new if new in inspect.signature(fn).parameters else old
 
 
-def _push_kwargs(s: Settings, compute_dtype) -> dict:
-  return dict(max_per_class=s.push_per_class, ks=s.ks,
-              min_bank_size=s.min_bank_size_for_density, chunk_size=s.chunk_size,
-              compute_dtype=compute_dtype)
+def _loss_kwargs(s: Settings, compute_dtype, loss_fn) -> dict:
+  return {"num_anchors": s.num_anchors, "num_batch_keys": s.num_batch_keys,
+          "num_bank_keys": s.num_bank_keys, "num_negatives": s.num_negatives,
+          _name(loss_fn, "max_per_class", "max_pixels_per_class"): s.max_per_class,
+          "ks": s.ks, "exclude_classes": s.exclude_classes, "chunk_size": s.chunk_size,
+          "compute_dtype": compute_dtype}
+
+
+def _push_kwargs(s: Settings, compute_dtype, push_fn) -> dict:
+  return {_name(push_fn, "push_per_class", "max_per_class"): s.push_per_class, "ks": s.ks,
+          "min_bank_size": s.min_bank_size, "chunk_size": s.chunk_size,
+          "compute_dtype": compute_dtype}
 
 
 def _modules(lib: str):
@@ -248,7 +254,8 @@ def make_dgcl_fns(s: Settings, compute_dtype, lib: str = "semijax") -> Dict[str,
   density_lib, dgcl_sampling = mods["density"], mods["dgcl"]
   if lib != "semijax":
     s = dataclasses.replace(s, chunk_size=s.baseline_chunk_size)
-  lkw, pkw = _loss_kwargs(s, compute_dtype), _push_kwargs(s, compute_dtype)
+  lkw = _loss_kwargs(s, compute_dtype, contrastive.dgcl_contrastive_loss)
+  pkw = _push_kwargs(s, compute_dtype, dgcl_sampling.push_bank)
 
   def loss_grad(projections, features, labels, bank, rng):
     def loss_fn(p):
@@ -273,7 +280,7 @@ def make_dgcl_fns(s: Settings, compute_dtype, lib: str = "semijax") -> Dict[str,
     labels = labels.reshape(-1).astype(jnp.int32)
     c = bank.num_classes
     in_range = (labels != ops.IGNORE_INDEX) & (labels >= 0) & (labels < c)
-    m = min(s.max_pixels_per_class, labels.shape[0])
+    m = min(s.max_per_class, labels.shape[0])
     idx, valid = fifo.select_per_class(labels, in_range, jax.random.split(rng)[0],
                                        num_classes=c, max_per_class=m)
     allowed = np.ones((c,), bool)
@@ -330,7 +337,7 @@ def density_flops(s: Settings, labels: np.ndarray) -> dict:
 
   anchor_classes = [c for c in range(s.num_classes)
                     if counts[c] > 0 and c not in s.exclude_classes]
-  cand_rows, cand_chunk = chunks(s.max_pixels_per_class, anchor_classes)
+  cand_rows, cand_chunk = chunks(s.max_per_class, anchor_classes)
   push_rows, push_chunk = chunks(s.push_per_class,
                                  [c for c in range(s.num_classes) if counts[c] > 0])
   return {"candidate_query_rows": cand_rows, "push_query_rows": push_rows,
@@ -582,7 +589,7 @@ def run(s: Settings, *, measure_peak: bool = True) -> dict:
   for n in dgcl_main:
     aux = state.get(f"{n}_aux")
     if aux is not None:
-      timings[n]["aux_last"] = {k: float(v) for k, v in aux.items()}
+      timings[n]["aux_last"] = {k: float(v) for k, v in aux.items() if k != "selection"}
       if float(aux["bank_full"]) != 1.0:
         raise AssertionError("the bank was not full: density did not run")
   result["timings"] = timings

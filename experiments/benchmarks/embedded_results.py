@@ -26,6 +26,8 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, init and data order).
 flags.DEFINE_string("grid_dir", "runs/embedded_results", "Parent of the run directories.")
 flags.DEFINE_string("readme", "", "If set, replace the results table in this README.")
 flags.DEFINE_list("extra", [], "Extra full-label supervised reference runs: 'full'.")
+flags.DEFINE_bool("only_finished", False,
+                  "Report the runs that already finished; train none (e.g. while a grid runs).")
 FLAGS = flags.FLAGS
 
 def run_one(method: str, split: str, seed: int, workdir: str, overrides: dict = None) -> dict:
@@ -53,7 +55,8 @@ def diagnostics(workdir: str, warmup_steps: int) -> dict:
   Reads `metrics.jsonl`: the first logging window after the warm-up and the last one.
 
   Returns:
-    `{name: [start, end]}` for each of `DIAGNOSTICS` the run logged (as fractions).
+    `{name: [start, end]}` for each of `DIAGNOSTICS` the run logged (as fractions): its first
+    and last logged window after the warm-up.
   """
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -69,8 +72,12 @@ def diagnostics(workdir: str, warmup_steps: int) -> dict:
         windows.append(record)
   if not windows:
     return {}
-  return {k: [windows[0][f"train/{k}"], windows[-1][f"train/{k}"]] for k in DIAGNOSTICS
-          if f"train/{k}" in windows[0] and f"train/{k}" in windows[-1]}
+  out = {}
+  for k in DIAGNOSTICS:   # contrastive ones start when the term does (e.g. a full bank)
+    have = [w[f"train/{k}"] for w in windows if f"train/{k}" in w]
+    if have:
+      out[k] = [have[0], have[-1]]
+  return out
 
 
 def diagnostics_table(rows: list) -> str:
@@ -141,6 +148,30 @@ def paired_table(rows: list, reference: str) -> str:
   return "\n".join(lines)
 
 
+def targets(rows: list, split: str = "1/16") -> str:
+  """Issue 12's targets at `split`: every semi-supervised method above supervised (paired mean
+  minus its std > 0), and the best method's share of the full-label supervised mIoU."""
+  by_key = {(r["method"], r["split"], r["seed"]): r["miou_teacher"] for r in rows}
+  full = [v for (m, s, _), v in by_key.items() if m == "supervised" and s == "full"]
+  lines = []
+  best = None
+  for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "supervised"):
+    d = [v - by_key[("supervised", split, seed)] for (mm, ss, seed), v in by_key.items()
+         if mm == m and ss == split and ("supervised", split, seed) in by_key]
+    vals = [v for (mm, ss, _), v in by_key.items() if mm == m and ss == split]
+    if len(d) > 1:
+      low = np.mean(d) - np.std(d, ddof=1)
+      lines.append(f"{m}: paired mean − std = {low:+.1f} ({'above' if low > 0 else 'not above'} "
+                   "supervised)")
+    if vals and (best is None or np.mean(vals) > best[1]):
+      best = (m, float(np.mean(vals)))
+  if full and best:
+    share = 100 * best[1] / np.mean(full)
+    lines.append(f"best at {split}: {best[0]} {best[1]:.1f} = {share:.1f} % of full-label "
+                 f"supervised ({np.mean(full):.1f})")
+  return "; ".join(lines)
+
+
 def replace_block(readme: str, name: str, text: str) -> None:
   """Replaces what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `readme`."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
@@ -161,6 +192,8 @@ def main(argv):
   grid += [("supervised", s, int(seed)) for s in FLAGS.extra for seed in FLAGS.seeds]
   for method, split, seed in grid:
     workdir = os.path.join(FLAGS.grid_dir, f"{method}_{split.replace('/', '_')}_seed{seed}")
+    if FLAGS.only_finished and not os.path.exists(os.path.join(workdir, "results.json")):
+      continue
     print(f"=== {method} {split} seed {seed} -> {workdir}", flush=True)
     res = run_one(method, split, seed, workdir)
     row = {k: res[k] for k in ("method", "split", "seed", "miou_teacher", "miou_student",
@@ -172,6 +205,13 @@ def main(argv):
   baselines = [m for m in ("supervised", "mean_teacher") if any(r["method"] == m for r in rows)]
   for i, reference in enumerate(baselines):
     md += "\n\n" + paired_table([r for r in rows if r["method"] not in baselines[:i]], reference)
+  summary = targets(rows)
+  if summary:
+    md += f"\n\nTargets at 1/16 (issue 12): {summary}."
+  if any(r.get("diagnostics") for r in rows):
+    md += ("\n\nWhat the unlabeled losses were taught, against the unlabeled images' hidden masks "
+           "(mean over seeds; first logging window after the warm-up → last window):\n\n"
+           + diagnostics_table([r for r in rows if r["split"] != "full"]))
   cli.report_json({"rows": rows, "table": md, "wall_seconds": time.time() - t0},
                   FLAGS.out or "results/embedded.json")
   print(md)

@@ -34,10 +34,10 @@ def _select(index, candidates):
   return out
 
 
-def apply_color_jitter(images, order, factors, apply=None, *, pad=None,
+def apply_color_jitter(images, order, factors, apply=None, *, valid=None,
                        enabled=(True,) * 4):
   images = P._as_float(images)  # pylint: disable=protected-access
-  ops = (P.adjust_brightness, lambda x, f: P.adjust_contrast(x, f, pad=pad),
+  ops = (P.adjust_brightness, lambda x, f: P.adjust_contrast(x, f, valid=valid),
          P.adjust_saturation, P.adjust_hue)
 
   def stage(i, x):
@@ -47,36 +47,36 @@ def apply_color_jitter(images, order, factors, apply=None, *, pad=None,
   out = lax.fori_loop(0, 4, stage, images) if any(enabled) else images
   if apply is not None:
     out = jnp.where(jnp.asarray(apply, bool)[:, None, None, None], out, images)
-  return P._restore_pad(out, images, pad)  # pylint: disable=protected-access
+  return P._keep_invalid(out, images, valid)  # pylint: disable=protected-access
 
 
-def _color_jitter_u(u, images, *, brightness, contrast, saturation, hue, p, pad):
+def _color_jitter_u(u, images, *, brightness, contrast, saturation, hue, p, valid):
   order, factors, apply = P._color_jitter_from(  # pylint: disable=protected-access
       u, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=p)
   enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
-  return apply_color_jitter(images, order, factors, apply, pad=pad, enabled=enabled)
+  return apply_color_jitter(images, order, factors, apply, valid=valid, enabled=enabled)
 
 
-def _grayscale_u(u, images, *, p, pad):
+def _grayscale_u(u, images, *, p, valid):
   out = jnp.where((u[:, 0] < p)[:, None, None, None], P.grayscale(images), images)
-  return P._restore_pad(out, images, pad)  # pylint: disable=protected-access
+  return P._keep_invalid(out, images, valid)  # pylint: disable=protected-access
 
 
-def _gaussian_blur_u(u, images, *, p, sigma_range, pad=None):
+def _gaussian_blur_u(u, images, *, p, sigma_range, valid=None):
   apply, sigma = P._gaussian_blur_from(u, p=p, sigma_range=sigma_range)  # pylint: disable=protected-access
   out = jnp.where(apply[:, None, None, None], P.blur(images, sigma, sigma_max=sigma_range[1]),
                   images)
-  return P._restore_pad(out, images, pad)  # pylint: disable=protected-access
+  return P._keep_invalid(out, images, valid)  # pylint: disable=protected-access
 
 
-def apply_dssn_op(images, op, *, enhance, sigma, bits, threshold, hue, pad=None):
+def apply_dssn_op(images, op, *, enhance, sigma, bits, threshold, hue, valid=None):
   images = P._as_float(images)  # pylint: disable=protected-access
   candidates = {
       "identity": images,
-      "autocontrast": P.autocontrast(images, pad=pad),
-      "equalize": P.equalize(images, pad=pad),
+      "autocontrast": P.autocontrast(images, valid=valid),
+      "equalize": P.equalize(images, valid=valid),
       "blur": P.blur(images, sigma, sigma_max=2.0),
-      "contrast": P.adjust_contrast(images, enhance, pad=pad),
+      "contrast": P.adjust_contrast(images, enhance, valid=valid),
       "brightness": P.adjust_brightness(images, enhance),
       "color": P.adjust_saturation(images, enhance),
       "sharpness": P.adjust_sharpness(images, enhance),
@@ -85,23 +85,23 @@ def apply_dssn_op(images, op, *, enhance, sigma, bits, threshold, hue, pad=None)
       "hue": P.adjust_hue(images, hue),
   }
   out = _select(jnp.asarray(op, jnp.int32), [candidates[name] for name in P.DSSN_OPS])
-  return P._restore_pad(out, images, pad)  # pylint: disable=protected-access
+  return P._keep_invalid(out, images, valid)  # pylint: disable=protected-access
 
 
-def apply_dssn_ops(images, params, *, pad=None):
+def apply_dssn_ops(images, params, *, valid=None):
   images = P._as_float(images)  # pylint: disable=protected-access
 
   def slot(i, x):
     p = {k: lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in params.items()}
     stepped = apply_dssn_op(x, p["op"], enhance=p["enhance"], sigma=p["sigma"], bits=p["bits"],
-                            threshold=p["threshold"], hue=p["hue"], pad=pad)
+                            threshold=p["threshold"], hue=p["hue"], valid=valid)
     return jnp.where(p["active"][:, None, None, None], stepped, x)
 
   out = lax.fori_loop(0, params["op"].shape[0], slot, images)
-  return P._restore_pad(out, images, pad)  # pylint: disable=protected-access
+  return P._keep_invalid(out, images, valid)  # pylint: disable=protected-access
 
 
-def strong_augment(rng, images, *, preset="unimatch", pad=None):
+def strong_augment(rng, images, *, preset="unimatch", valid=None):
   """The pre-issue-17 `photometric.strong_augment` (batched, every op computed)."""
   # pylint: disable=protected-access
   if preset not in P.PRESETS:
@@ -116,20 +116,20 @@ def strong_augment(rng, images, *, preset="unimatch", pad=None):
         (1, P.COLOR_JITTER_UNIFORMS, 1))
     binomial = jnp.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
     x = jnp.where((u_blur[:, 0] < 0.5)[:, None, None, None],
-                  P.separable_filter(images, binomial, border="reflect", pad=pad), images)
+                  P.separable_filter(images, binomial, border="reflect", valid=valid), images)
     x = _color_jitter_u(u_jitter, x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                        p=0.8, pad=pad)
-    return _grayscale_u(u_gray, x, p=0.2, pad=pad)
+                        p=0.8, valid=valid)
+    return _grayscale_u(u_gray, x, p=0.2, valid=valid)
   num_ops = 3 if preset == "dssn" else 0
   sizes = (P.COLOR_JITTER_UNIFORMS, 1, 2, P.DSSN_OPS_UNIFORMS * num_ops)
   u_jitter, u_gray, u_blur, u_ops = P._split_uniforms(P._uniforms(rng, batch, sum(sizes)),
                                                       sizes)
   x = _color_jitter_u(u_jitter, images, brightness=0.5, contrast=0.5, saturation=0.5,
-                      hue=0.25, p=0.8, pad=pad)
-  x = _grayscale_u(u_gray, x, p=0.2, pad=pad)
-  x = _gaussian_blur_u(u_blur, x, p=0.5, sigma_range=(0.1, 2.0), pad=pad)
+                      hue=0.25, p=0.8, valid=valid)
+  x = _grayscale_u(u_gray, x, p=0.2, valid=valid)
+  x = _gaussian_blur_u(u_blur, x, p=0.5, sigma_range=(0.1, 2.0), valid=valid)
   if preset == "dssn":
-    x = apply_dssn_ops(x, P._dssn_ops_from(u_ops, num_ops=num_ops, random_num=True), pad=pad)
+    x = apply_dssn_ops(x, P._dssn_ops_from(u_ops, num_ops=num_ops, random_num=True), valid=valid)
   return x
 
 

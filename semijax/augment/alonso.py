@@ -187,7 +187,8 @@ def color_jitter(rng: jax.Array, images: jax.typing.ArrayLike, *, prob: float, s
       k_params, b, brightness=strength, contrast=strength, saturation=strength / 2,
       hue=min(strength / 3, 0.5))
   apply = _decisions(k_apply, b, prob, per_image)
-  return photometric.apply_color_jitter(images, order, factors, apply, pad=pad)
+  valid = None if pad is None else ~jnp.asarray(pad, bool)   # photometric's masks: True = keep
+  return photometric.apply_color_jitter(images, order, factors, apply, valid=valid)
 
 
 def gaussian_blur(rng: jax.Array, images: jax.typing.ArrayLike, *, prob: float,
@@ -200,8 +201,9 @@ def gaussian_blur(rng: jax.Array, images: jax.typing.ArrayLike, *, prob: float,
     return images
   k_apply, k_sigma = jax.random.split(rng)
   sigma = jax.random.uniform(k_sigma, (b,), minval=sigma_range[0], maxval=sigma_range[1])
+  valid = None if pad is None else ~jnp.asarray(pad, bool)
   run = lambda x: photometric.blur(x, sigma, sigma_max=sigma_range[1], method="gaussian",  # noqa: E731
-                                   pad=pad)
+                                   valid=valid)
   apply = _decisions(k_apply, b, prob, per_image)
   if per_image:
     return jnp.where(apply[:, None, None, None], run(images), images)

@@ -29,10 +29,14 @@ uint8 after every op (ops that are defined on 8-bit levels, `equalize` and `post
 quantise their input first); the grayscale weights are PIL's 0.299/0.587/0.114 (torchvision's
 tensor path uses 0.2989); the hue shift uses torchvision's float HSV formulas where PIL
 images go through 8-bit HSV (hue on 256 levels); the blur is PIL's own three-pass extended
-box filter (`blur`), without its rounding after each pass. With `pad` given, padded pixels are returned unchanged
-and left out of image statistics (contrast mean, autocontrast range, equalize histogram);
-the references compute those over the zero-padded crop and alter the padding. Passing
-`pad=None` on an image whose padding is 0 reproduces the reference arithmetic.
+box filter (`blur`), without its rounding after each pass.
+
+Every function takes an optional `valid` mask `[B, H, W]` bool, True on real pixels: the other
+(padding) pixels are returned unchanged and left out of image statistics (contrast mean,
+autocontrast range, equalize histogram); the references compute those over the zero-padded
+crop and alter the padding. Passing `valid=None` on an image whose padding is 0 reproduces the
+reference arithmetic. The previous `pad=` (True on padding) still works for one release, with
+a `DeprecationWarning`, as `valid=~pad`.
 """
 
 import math
@@ -43,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from semijax import _deprecation
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 PRESETS = ("unimatch", "dssn", "cac", "none")
 # DSSN's `get_augment_list(flag_using_wide=False)`, in its order.
@@ -50,6 +56,8 @@ DSSN_OPS = ("identity", "autocontrast", "equalize", "blur", "contrast", "brightn
             "sharpness", "posterize", "solarize", "hue")
 
 _OptArray = Optional[jax.typing.ArrayLike]
+# `pad=` (True on padding) of the previous release, as `valid=~pad`.
+_PAD_TO_VALID = _deprecation.renamed_args({"pad": _deprecation.pad_to_valid()})
 
 
 # ----------------------------------------------------------------------------------------
@@ -62,17 +70,18 @@ def _per_image(value: jax.typing.ArrayLike, batch: int, dtype=jnp.float32) -> ja
   return value[:, None, None, None]
 
 
-def _restore_pad(out: jax.Array, images: jax.Array, pad: _OptArray) -> jax.Array:
-  if pad is None:
+def _keep_invalid(out: jax.Array, images: jax.Array, valid: _OptArray) -> jax.Array:
+  """`out` on valid pixels, `images` (unchanged) on the others."""
+  if valid is None:
     return out
-  return jnp.where(jnp.asarray(pad, bool)[..., None], images, out)
+  return jnp.where(jnp.asarray(valid, bool)[..., None], out, images)
 
 
-def _valid(images: jax.Array, pad: _OptArray) -> jax.Array:
+def _valid(images: jax.Array, valid: _OptArray) -> jax.Array:
   """`[B, H, W]` bool, the pixels that count in image statistics."""
-  if pad is None:
+  if valid is None:
     return jnp.ones(images.shape[:3], bool)
-  return ~jnp.asarray(pad, bool)
+  return jnp.asarray(valid, bool)
 
 
 def _blend(a: jax.Array, b: jax.Array, factor: jax.Array) -> jax.Array:
@@ -99,22 +108,22 @@ def _quantize(images: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round(images * 255.0), 0, 255).astype(jnp.int32)
 
 
-def _map_images(fn, images: jax.Array, pad: _OptArray, *args) -> jax.Array:
-  """`fn(image [1, H, W, 3], pad [1, H, W] or None, *args_b)` for each image b in turn.
+def _map_images(fn, images: jax.Array, valid: _OptArray, *args) -> jax.Array:
+  """`fn(image [1, H, W, 3], valid [1, H, W] or None, *args_b)` for each image b in turn.
 
   Every leaf of `args` has a leading batch axis (`[B, ...]`); `fn` receives row b with a
   batch axis of 1 and returns `[1, H, W, 3]`. Sequential (`lax.map`), so that `lax.switch` and
   `lax.cond` inside `fn` compute only the branch an image takes.
   """
-  has_pad = pad is not None
-  pads = jnp.asarray(pad, bool) if has_pad else jnp.zeros((images.shape[0], 0), bool)
+  has_valid = valid is not None
+  valids = jnp.asarray(valid, bool) if has_valid else jnp.zeros((images.shape[0], 0), bool)
 
   def one(row):
-    x, p, rest = row
-    out = fn(x[None], p[None] if has_pad else None, *jax.tree.map(lambda a: a[None], rest))
+    x, v, rest = row
+    out = fn(x[None], v[None] if has_valid else None, *jax.tree.map(lambda a: a[None], rest))
     return out[0]
 
-  return lax.map(one, (images, pads, jax.tree.map(jnp.asarray, tuple(args))))
+  return lax.map(one, (images, valids, jax.tree.map(jnp.asarray, tuple(args))))
 
 
 def _when(flag: jax.Array, fn, x: jax.Array) -> jax.Array:
@@ -140,57 +149,62 @@ def rgb_to_grayscale(images: jax.typing.ArrayLike) -> jax.Array:
   return r * images[..., 0] + g * images[..., 1] + b * images[..., 2]
 
 
-def grayscale(images: jax.typing.ArrayLike, *, pad: _OptArray = None) -> jax.Array:
+@_PAD_TO_VALID
+def grayscale(images: jax.typing.ArrayLike, *, valid: _OptArray = None) -> jax.Array:
   """RGB to luma replicated on 3 channels (`RandomGrayscale` with 3 output channels)."""
   images = _as_float(images)
   out = jnp.broadcast_to(rgb_to_grayscale(images)[..., None], images.shape)
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
+@_PAD_TO_VALID
 def adjust_brightness(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike, *,
-                      pad: _OptArray = None) -> jax.Array:
+                      valid: _OptArray = None) -> jax.Array:
   """`clip(f x, 0, 1)`: blend with black (torchvision `adjust_brightness`).
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
     factor: scalar or `[B]`.
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
   """
   images = _as_float(images)
   out = _blend(images, jnp.zeros_like(images), _per_image(factor, images.shape[0]))
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
+@_PAD_TO_VALID
 def adjust_contrast(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike, *,
-                    pad: _OptArray = None) -> jax.Array:
+                    valid: _OptArray = None) -> jax.Array:
   """`clip(f x + (1 - f) m, 0, 1)` with m the mean luma of the image (torchvision).
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
     factor: scalar or `[B]`.
-    pad: optional `[B, H, W]` bool; padded pixels are left out of m and returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are left out of m and
+      returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
   """
   images = _as_float(images)
-  valid = _valid(images, pad).astype(jnp.float32)
+  weights = _valid(images, valid).astype(jnp.float32)
   gray = rgb_to_grayscale(images)
-  mean = jnp.sum(gray * valid, axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1.0)
+  mean = jnp.sum(gray * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
   out = _blend(images, mean[:, None, None, None], _per_image(factor, images.shape[0]))
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
+@_PAD_TO_VALID
 def adjust_saturation(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike, *,
-                      pad: _OptArray = None) -> jax.Array:
+                      valid: _OptArray = None) -> jax.Array:
   """`clip(f x + (1 - f) gray(x), 0, 1)` (torchvision `adjust_saturation`, PIL `Color`)."""
   images = _as_float(images)
   gray = rgb_to_grayscale(images)[..., None]
   out = _blend(images, gray, _per_image(factor, images.shape[0]))
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
 def rgb_to_hsv(images: jax.typing.ArrayLike) -> jax.Array:
@@ -231,14 +245,15 @@ def hsv_to_rgb(hsv: jax.typing.ArrayLike) -> jax.Array:
                    axis=-1)
 
 
+@_PAD_TO_VALID
 def adjust_hue(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike, *,
-               pad: _OptArray = None) -> jax.Array:
+               valid: _OptArray = None) -> jax.Array:
   """Rotates the hue by `factor` turns, `h <- (h + f) mod 1` (torchvision `adjust_hue`).
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
     factor: scalar or `[B]` in [-0.5, 0.5].
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -247,11 +262,12 @@ def adjust_hue(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike, *,
   hsv = rgb_to_hsv(images)
   h = jnp.mod(hsv[..., 0] + _per_image(factor, images.shape[0])[..., 0], 1.0)
   out = hsv_to_rgb(jnp.stack([h, hsv[..., 1], hsv[..., 2]], axis=-1))
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
+@_PAD_TO_VALID
 def adjust_sharpness(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike, *,
-                     pad: _OptArray = None) -> jax.Array:
+                     valid: _OptArray = None) -> jax.Array:
   """PIL `ImageEnhance.Sharpness`: blend with the `SMOOTH`-filtered image.
 
   The degenerate image is the 3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 on interior
@@ -260,7 +276,7 @@ def adjust_sharpness(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike,
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
     factor: scalar or `[B]`; < 1 blurs, > 1 sharpens.
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -274,32 +290,35 @@ def adjust_sharpness(images: jax.typing.ArrayLike, factor: jax.typing.ArrayLike,
   interior[1:-1, 1:-1] = True
   degenerate = jnp.where(interior[None, :, :, None], smooth, images)
   out = _blend(images, degenerate, _per_image(factor, images.shape[0]))
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
-def autocontrast(images: jax.typing.ArrayLike, *, pad: _OptArray = None) -> jax.Array:
+@_PAD_TO_VALID
+def autocontrast(images: jax.typing.ArrayLike, *, valid: _OptArray = None) -> jax.Array:
   """PIL `ImageOps.autocontrast` (cutoff 0): each channel's [min, max] stretched to [0, 1].
 
   A constant channel is left unchanged. Padded pixels do not count in min/max.
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
-    pad: optional `[B, H, W]` bool.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are left out of
+      min/max and returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
   """
   images = _as_float(images)
-  valid = _valid(images, pad)[..., None]
-  lo = jnp.min(jnp.where(valid, images, jnp.inf), axis=(1, 2), keepdims=True)
-  hi = jnp.max(jnp.where(valid, images, -jnp.inf), axis=(1, 2), keepdims=True)
+  counts = _valid(images, valid)[..., None]
+  lo = jnp.min(jnp.where(counts, images, jnp.inf), axis=(1, 2), keepdims=True)
+  hi = jnp.max(jnp.where(counts, images, -jnp.inf), axis=(1, 2), keepdims=True)
   stretch = hi > lo
   scale = jnp.where(stretch, 1.0 / jnp.where(stretch, hi - lo, 1.0), 1.0)
   out = jnp.clip((images - jnp.where(stretch, lo, 0.0)) * scale, 0.0, 1.0)
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
-def equalize(images: jax.typing.ArrayLike, *, pad: _OptArray = None) -> jax.Array:
+@_PAD_TO_VALID
+def equalize(images: jax.typing.ArrayLike, *, valid: _OptArray = None) -> jax.Array:
   """PIL `ImageOps.equalize`: per-channel histogram equalisation on the 8-bit levels.
 
   With h the 256-bin histogram of a channel and `step = (sum(h) - h[last non-empty]) // 255`,
@@ -308,7 +327,8 @@ def equalize(images: jax.typing.ArrayLike, *, pad: _OptArray = None) -> jax.Arra
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
-    pad: optional `[B, H, W]` bool; padded pixels are left out of the histogram.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are left out of the
+      histogram and returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32 on the 8-bit grid (`level / 255`).
@@ -316,7 +336,7 @@ def equalize(images: jax.typing.ArrayLike, *, pad: _OptArray = None) -> jax.Arra
   images = _as_float(images)
   batch, height, width, channels = images.shape
   levels = _quantize(images)
-  weights = jnp.broadcast_to(_valid(images, pad)[..., None], levels.shape).astype(jnp.int32)
+  weights = jnp.broadcast_to(_valid(images, valid)[..., None], levels.shape).astype(jnp.int32)
   flat_levels = jnp.moveaxis(levels, -1, 1).reshape(batch * channels, height * width)
   flat_weights = jnp.moveaxis(weights, -1, 1).reshape(batch * channels, height * width)
   hist = jax.vmap(lambda q, w: jnp.bincount(q, w, length=256))(flat_levels, flat_weights)
@@ -333,17 +353,18 @@ def equalize(images: jax.typing.ArrayLike, *, pad: _OptArray = None) -> jax.Arra
   mapped = jnp.take_along_axis(lut, flat_levels, axis=-1)
   mapped = jnp.moveaxis(mapped.reshape(batch, channels, height, width), 1, -1)
   out = mapped.astype(jnp.float32) / 255.0
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
+@_PAD_TO_VALID
 def posterize(images: jax.typing.ArrayLike, bits: jax.typing.ArrayLike, *,
-              pad: _OptArray = None) -> jax.Array:
+              valid: _OptArray = None) -> jax.Array:
   """PIL `ImageOps.posterize`: keeps the top `bits` bits of each 8-bit level.
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1] (quantised to `round(255 x)` first).
     bits: scalar or `[B]` int in [0, 8].
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -352,24 +373,25 @@ def posterize(images: jax.typing.ArrayLike, bits: jax.typing.ArrayLike, *,
   bits = _per_image(bits, images.shape[0], jnp.int32)
   keep = 256 - jnp.left_shift(1, 8 - bits)
   out = jnp.bitwise_and(_quantize(images), keep).astype(jnp.float32) / 255.0
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
+@_PAD_TO_VALID
 def solarize(images: jax.typing.ArrayLike, threshold: jax.typing.ArrayLike, *,
-             pad: _OptArray = None) -> jax.Array:
+             valid: _OptArray = None) -> jax.Array:
   """Inverts pixels at or above `threshold`: `x >= t ? 1 - x : x` (PIL `ImageOps.solarize`).
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
     threshold: scalar or `[B]` on the [0, 1] scale (PIL's integer threshold / 255).
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
   """
   images = _as_float(images)
   out = jnp.where(images >= _per_image(threshold, images.shape[0]), 1.0 - images, images)
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
 def gaussian_kernels(sigma: jax.typing.ArrayLike, radius: int) -> jax.Array:
@@ -388,8 +410,9 @@ def gaussian_kernels(sigma: jax.typing.ArrayLike, radius: int) -> jax.Array:
   return taps / jnp.sum(taps, axis=-1, keepdims=True)
 
 
+@_PAD_TO_VALID
 def separable_filter(images: jax.typing.ArrayLike, kernels: jax.typing.ArrayLike, *,
-                     border: str = "edge", pad: _OptArray = None) -> jax.Array:
+                     border: str = "edge", valid: _OptArray = None) -> jax.Array:
   """Filters each image with its own symmetric 1-D kernel along H, then along W.
 
   Written as a loop over taps of shifted slices (exact float32, no convolution precision
@@ -400,7 +423,7 @@ def separable_filter(images: jax.typing.ArrayLike, kernels: jax.typing.ArrayLike
     kernels: `[B, K]` taps, K odd (or `[K]`, shared).
     border: `'edge'` replicates the last pixel (PIL's box blur), `'reflect'` mirrors without
       repeating it (cv2's default `BORDER_REFLECT_101`).
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -428,7 +451,7 @@ def separable_filter(images: jax.typing.ArrayLike, kernels: jax.typing.ArrayLike
     return lax.fori_loop(0, size, tap, jnp.zeros_like(x))
 
   x = filter_axis(filter_axis(images, 1, height), 2, width)
-  return _restore_pad(x, images, pad)
+  return _keep_invalid(x, images, valid)
 
 
 def blur_radius(sigma_max: float, truncate: float = 4.0) -> int:
@@ -440,42 +463,43 @@ def pil_box_radius(sigma: jax.typing.ArrayLike, passes: int = 3) -> jax.Array:
   """PIL's `_gaussian_blur_radius`: the fractional box radius whose `passes`-fold box blur
   has variance sigma^2 (Gwosdek et al., SSVM 2011).
 
-  With s2 = sigma^2 / passes, L = sqrt(12 s2 + 1), l = floor((L - 1) / 2) and
-  a = (2l + 1)(l(l + 1) - 3 s2) / (6 (s2 - (l + 1)^2)), the radius is l + a.
+  With s2 = sigma^2 / passes, L = sqrt(12 s2 + 1), n = floor((L - 1) / 2) and
+  a = (2n + 1)(n(n + 1) - 3 s2) / (6 (s2 - (n + 1)^2)), the radius is n + a.
   """
   xp = np if isinstance(sigma, (float, np.floating, np.ndarray)) else jnp
   sigma = xp.asarray(sigma, xp.float32)
   s2 = sigma * sigma / passes
   length = xp.sqrt(12.0 * s2 + 1.0)
-  l = xp.floor((length - 1.0) / 2.0)
-  a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * s2) / (6.0 * (s2 - (l + 1.0) ** 2))
-  return l + a
+  n = xp.floor((length - 1.0) / 2.0)
+  a = (2.0 * n + 1.0) * (n * (n + 1.0) - 3.0 * s2) / (6.0 * (s2 - (n + 1.0) ** 2))
+  return n + a
 
 
 def pil_box_kernels(sigma: jax.typing.ArrayLike, sigma_max: float,
                     passes: int = 3) -> jax.Array:
   """One pass of PIL's extended box blur as `[B, K]` taps (apply it `passes` times).
 
-  For radius R = l + a: weight 1 / (2R + 1) on |k| <= l and the remainder split on
-  |k| = l + 1 (PIL's `ww`/`fw`, here in float instead of 24-bit fixed point). K is fixed by
-  `sigma_max`: `2 (l_max + 1) + 1` (5 taps for sigma_max = 2).
+  For radius R = n + a: weight 1 / (2R + 1) on |k| <= n and the remainder split on
+  |k| = n + 1 (PIL's `ww`/`fw`, here in float instead of 24-bit fixed point). K is fixed by
+  `sigma_max`: `2 (n_max + 1) + 1` (5 taps for sigma_max = 2).
   """
   radius = pil_box_radius(sigma, passes)
-  l = jnp.floor(radius)
-  l_max = int(np.floor(pil_box_radius(float(sigma_max), passes)))
-  offsets = jnp.abs(jnp.arange(-(l_max + 1), l_max + 2, dtype=jnp.float32))[None, :]
+  n = jnp.floor(radius)
+  n_max = int(np.floor(pil_box_radius(float(sigma_max), passes)))
+  offsets = jnp.abs(jnp.arange(-(n_max + 1), n_max + 2, dtype=jnp.float32))[None, :]
   inner = 1.0 / (2.0 * radius + 1.0)
-  far = (1.0 - (2.0 * l + 1.0) * inner) / 2.0
-  return jnp.where(offsets[:, :] <= l[:, None], inner[:, None],
-                   jnp.where(offsets == l[:, None] + 1.0, far[:, None], 0.0))
+  far = (1.0 - (2.0 * n + 1.0) * inner) / 2.0
+  return jnp.where(offsets[:, :] <= n[:, None], inner[:, None],
+                   jnp.where(offsets == n[:, None] + 1.0, far[:, None], 0.0))
 
 
 BLUR_METHODS = ("pil", "gaussian")
 
 
+@_PAD_TO_VALID
 def blur(images: jax.typing.ArrayLike, sigma: jax.typing.ArrayLike, *, sigma_max: float,
          method: str = "pil", truncate: float = 4.0, border: str = "edge",
-         pad: _OptArray = None) -> jax.Array:
+         valid: _OptArray = None) -> jax.Array:
   """Blurs each image with its own sigma (deterministic part of `gaussian_blur`).
 
   `method='pil'` is PIL's `GaussianBlur(radius=sigma)` as the references run it: three
@@ -492,7 +516,7 @@ def blur(images: jax.typing.ArrayLike, sigma: jax.typing.ArrayLike, *, sigma_max
     method: one of `BLUR_METHODS`.
     truncate: Gaussian half width in units of `sigma_max` (`method='gaussian'`).
     border: `'edge'` or `'reflect'` (see `separable_filter`).
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -508,7 +532,7 @@ def blur(images: jax.typing.ArrayLike, sigma: jax.typing.ArrayLike, *, sigma_max
     kernels = pil_box_kernels(sigma, sigma_max)
     out = lax.fori_loop(0, 3, lambda _, x: separable_filter(x, kernels, border=border),
                         images)
-  return _restore_pad(out, images, pad)
+  return _keep_invalid(out, images, valid)
 
 
 # ----------------------------------------------------------------------------------------
@@ -561,9 +585,10 @@ def color_jitter_params(
                             hue=hue, p=p)
 
 
+@_PAD_TO_VALID
 def apply_color_jitter(images: jax.typing.ArrayLike, order: jax.typing.ArrayLike,
                        factors: jax.typing.ArrayLike, apply: _OptArray = None, *,
-                       pad: _OptArray = None, enabled: Sequence[bool] = (True,) * 4) -> jax.Array:
+                       valid: _OptArray = None, enabled: Sequence[bool] = (True,) * 4) -> jax.Array:
   """Applies brightness/contrast/saturation/hue with per-image factors in per-image order.
 
   Args:
@@ -571,7 +596,7 @@ def apply_color_jitter(images: jax.typing.ArrayLike, order: jax.typing.ArrayLike
     order: `[B, 4]` int, the op applied at each stage.
     factors: `[B, 4]` float, the factor of each op (brightness, contrast, saturation, hue).
     apply: optional `[B]` bool; images where False are returned unchanged.
-    pad: optional `[B, H, W]` bool (see `adjust_contrast`).
+    valid: optional `[B, H, W]` bool, True on real pixels (see `adjust_contrast`).
     enabled: static flags; a disabled op is the identity (torchvision's `None` parameter)
       and is not computed.
 
@@ -582,15 +607,15 @@ def apply_color_jitter(images: jax.typing.ArrayLike, order: jax.typing.ArrayLike
   batch = images.shape[0]
   apply = jnp.ones((batch,), bool) if apply is None else jnp.asarray(apply, bool)
   enabled = tuple(bool(e) for e in enabled)
-  return _map_images(lambda x, p, o, f, a: _color_jitter_one(x, o, f, a, pad=p,
+  return _map_images(lambda x, p, o, f, a: _color_jitter_one(x, o, f, a, valid=p,
                                                              enabled=enabled),
-                     images, pad, jnp.asarray(order, jnp.int32),
+                     images, valid, jnp.asarray(order, jnp.int32),
                      jnp.asarray(factors, jnp.float32), apply)
 
 
-def _color_jitter_one(x, order, factors, apply, *, pad, enabled):
+def _color_jitter_one(x, order, factors, apply, *, valid, enabled):
   """`apply_color_jitter` on one image (`[1, ...]` arguments), computing only its ops."""
-  ops = (adjust_brightness, lambda v, f: adjust_contrast(v, f, pad=pad), adjust_saturation,
+  ops = (adjust_brightness, lambda v, f: adjust_contrast(v, f, valid=valid), adjust_saturation,
          adjust_hue)
   branches = [(lambda v, f, j=j: ops[j](v, f[:, j])) if enabled[j] else (lambda v, f: v)
               for j in range(4)]
@@ -599,26 +624,27 @@ def _color_jitter_one(x, order, factors, apply, *, pad, enabled):
     return lax.fori_loop(0, 4, lambda i, v: lax.switch(order[0, i], branches, v, factors), v)
 
   out = _when(apply, jitter, x) if any(enabled) else x
-  return _restore_pad(out, x, pad)
+  return _keep_invalid(out, x, valid)
 
 
-def _color_jitter_u(u, images, *, brightness, contrast, saturation, hue, p, pad):
+def _color_jitter_u(u, images, *, brightness, contrast, saturation, hue, p, valid):
   order, factors, apply = _color_jitter_from(u, brightness=brightness, contrast=contrast,
                                              saturation=saturation, hue=hue, p=p)
   enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
-  return apply_color_jitter(images, order, factors, apply, pad=pad, enabled=enabled)
+  return apply_color_jitter(images, order, factors, apply, valid=valid, enabled=enabled)
 
 
-def _color_jitter_one_u(u, x, *, brightness, contrast, saturation, hue, p, pad):
+def _color_jitter_one_u(u, x, *, brightness, contrast, saturation, hue, p, valid):
   order, factors, apply = _color_jitter_from(u, brightness=brightness, contrast=contrast,
                                              saturation=saturation, hue=hue, p=p)
   enabled = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
-  return _color_jitter_one(x, order, factors, apply, pad=pad, enabled=enabled)
+  return _color_jitter_one(x, order, factors, apply, valid=valid, enabled=enabled)
 
 
+@_PAD_TO_VALID
 def color_jitter(rng: jax.Array, images: jax.typing.ArrayLike, *, brightness: float = 0.0,
                  contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
-                 p: float = 1.0, pad: _OptArray = None) -> jax.Array:
+                 p: float = 1.0, valid: _OptArray = None) -> jax.Array:
   """torchvision `RandomApply([ColorJitter(b, c, s, h)], p)`, drawn per image.
 
   Parameters are those of `color_jitter_params(rng, B, ...)`.
@@ -629,7 +655,8 @@ def color_jitter(rng: jax.Array, images: jax.typing.ArrayLike, *, brightness: fl
     brightness, contrast, saturation, hue: `ColorJitter` strengths (see
       `color_jitter_params`).
     p: per-image probability of jittering.
-    pad: optional `[B, H, W]` bool; padded pixels unchanged and out of the contrast mean.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged
+      and left out of the contrast mean.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -637,32 +664,33 @@ def color_jitter(rng: jax.Array, images: jax.typing.ArrayLike, *, brightness: fl
   images = _as_float(images)
   u = _uniforms(rng, images.shape[0], COLOR_JITTER_UNIFORMS)
   return _color_jitter_u(u, images, brightness=brightness, contrast=contrast,
-                         saturation=saturation, hue=hue, p=p, pad=pad)
+                         saturation=saturation, hue=hue, p=p, valid=valid)
 
 
-def _grayscale_one(u, x, *, p, pad):
-  return _restore_pad(_when(u[:, 0] < p, grayscale, x), x, pad)
+def _grayscale_one(u, x, *, p, valid):
+  return _keep_invalid(_when(u[:, 0] < p, grayscale, x), x, valid)
 
 
-def _grayscale_u(u, images, *, p, pad):
-  return _map_images(lambda x, m, ub: _grayscale_one(ub, x, p=p, pad=m), images, pad, u)
+def _grayscale_u(u, images, *, p, valid):
+  return _map_images(lambda x, m, ub: _grayscale_one(ub, x, p=p, valid=m), images, valid, u)
 
 
+@_PAD_TO_VALID
 def random_grayscale(rng: jax.Array, images: jax.typing.ArrayLike, *, p: float,
-                     pad: _OptArray = None) -> jax.Array:
+                     valid: _OptArray = None) -> jax.Array:
   """torchvision `RandomGrayscale(p)`: each image becomes 3-channel luma with probability p.
 
   Args:
     rng: PRNG key.
     images: `[B, H, W, 3]` float in [0, 1].
     p: per-image probability.
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
   """
   images = _as_float(images)
-  return _grayscale_u(_uniforms(rng, images.shape[0], 1), images, p=p, pad=pad)
+  return _grayscale_u(_uniforms(rng, images.shape[0], 1), images, p=p, valid=valid)
 
 
 def _gaussian_blur_from(u, *, p, sigma_range):
@@ -678,23 +706,24 @@ def gaussian_blur_params(rng: jax.Array, batch: int, *, p: float,
 
 
 def _gaussian_blur_one(u, x, *, p, sigma_range, method="pil", truncate=4.0, border="edge",
-                       pad=None):
+                       valid=None):
   apply, sigma = _gaussian_blur_from(u, p=p, sigma_range=sigma_range)
   out = _when(apply, lambda v: blur(v, sigma, sigma_max=sigma_range[1], method=method,
                                     truncate=truncate, border=border), x)
-  return _restore_pad(out, x, pad)
+  return _keep_invalid(out, x, valid)
 
 
 def _gaussian_blur_u(u, images, *, p, sigma_range, method="pil", truncate=4.0, border="edge",
-                     pad=None):
+                     valid=None):
   kw = dict(p=p, sigma_range=sigma_range, method=method, truncate=truncate, border=border)
-  return _map_images(lambda x, m, ub: _gaussian_blur_one(ub, x, pad=m, **kw), images, pad, u)
+  return _map_images(lambda x, m, ub: _gaussian_blur_one(ub, x, valid=m, **kw), images, valid, u)
 
 
+@_PAD_TO_VALID
 def gaussian_blur(rng: jax.Array, images: jax.typing.ArrayLike, *, p: float,
                   sigma_range: Tuple[float, float] = (0.1, 2.0), method: str = "pil",
                   truncate: float = 4.0, border: str = "edge",
-                  pad: _OptArray = None) -> jax.Array:
+                  valid: _OptArray = None) -> jax.Array:
   """UniMatch/DSSN `blur`: with probability p, PIL `GaussianBlur(radius=sigma)`.
 
   sigma ~ U[sigma_range] per image (PIL's "radius" is the standard deviation), drawn as
@@ -709,7 +738,7 @@ def gaussian_blur(rng: jax.Array, images: jax.typing.ArrayLike, *, p: float,
     method: `'pil'` (default, the references' filter) or `'gaussian'`.
     truncate: Gaussian half width in units of `sigma_range[1]` (`method='gaussian'`).
     border: `'edge'` (PIL) or `'reflect'` (cv2), see `separable_filter`.
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -717,7 +746,7 @@ def gaussian_blur(rng: jax.Array, images: jax.typing.ArrayLike, *, p: float,
   images = _as_float(images)
   return _gaussian_blur_u(_uniforms(rng, images.shape[0], 2), images, p=p,
                           sigma_range=sigma_range, method=method, truncate=truncate,
-                          border=border, pad=pad)
+                          border=border, valid=valid)
 
 
 DSSN_OPS_UNIFORMS = 8  # per slot
@@ -757,14 +786,14 @@ def dssn_ops_params(rng: jax.Array, batch: int, *, num_ops: int = 3,
                         random_num=random_num)
 
 
-def _dssn_branches(pad):
+def _dssn_branches(valid):
   """One function per `DSSN_OPS` entry: `(images, magnitudes) -> images` (for `lax.switch`)."""
   return [
       lambda x, m: x,
-      lambda x, m: autocontrast(x, pad=pad),
-      lambda x, m: equalize(x, pad=pad),
+      lambda x, m: autocontrast(x, valid=valid),
+      lambda x, m: equalize(x, valid=valid),
       lambda x, m: blur(x, m["sigma"], sigma_max=2.0),
-      lambda x, m: adjust_contrast(x, m["enhance"], pad=pad),
+      lambda x, m: adjust_contrast(x, m["enhance"], valid=valid),
       lambda x, m: adjust_brightness(x, m["enhance"]),
       lambda x, m: adjust_saturation(x, m["enhance"]),
       lambda x, m: adjust_sharpness(x, m["enhance"]),
@@ -777,14 +806,15 @@ def _dssn_branches(pad):
 _MAGNITUDES = ("enhance", "sigma", "bits", "threshold", "hue")
 
 
-def _dssn_op_one(x, op, magnitudes, *, pad):
+def _dssn_op_one(x, op, magnitudes, *, valid):
   """`apply_dssn_op` on one image: only `DSSN_OPS[op]` is computed."""
-  out = lax.switch(jnp.reshape(op, ()), _dssn_branches(pad), x, magnitudes)
-  return _restore_pad(out, x, pad)
+  out = lax.switch(jnp.reshape(op, ()), _dssn_branches(valid), x, magnitudes)
+  return _keep_invalid(out, x, valid)
 
 
+@_PAD_TO_VALID
 def apply_dssn_op(images: jax.typing.ArrayLike, op: jax.typing.ArrayLike, *, enhance, sigma,
-                  bits, threshold, hue, pad: _OptArray = None) -> jax.Array:
+                  bits, threshold, hue, valid: _OptArray = None) -> jax.Array:
   """Applies `DSSN_OPS[op[b]]` with the given magnitudes to each image b (all `[B]`).
 
   Only each image's own op is computed (per-image `lax.switch`).
@@ -798,29 +828,31 @@ def apply_dssn_op(images: jax.typing.ArrayLike, op: jax.typing.ArrayLike, *, enh
       threshold=jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (batch,)),
       hue=jnp.broadcast_to(jnp.asarray(hue, jnp.float32), (batch,)))
   op = jnp.broadcast_to(jnp.asarray(op, jnp.int32), (batch,))
-  return _map_images(lambda x, m, o, mags: _dssn_op_one(x, o, mags, pad=m), images, pad, op,
+  return _map_images(lambda x, m, o, mags: _dssn_op_one(x, o, mags, valid=m), images, valid, op,
                      magnitudes)
 
 
-def _dssn_ops_one(x, params, *, pad):
+def _dssn_ops_one(x, params, *, valid):
   """`apply_dssn_ops` on one image; `params` fields are `[num_ops, 1]`."""
   def slot(i, v):
     p = {k: lax.dynamic_index_in_dim(a, i, keepdims=False) for k, a in params.items()}
     return _when(p["active"], lambda w: _dssn_op_one(
-        w, p["op"], {k: p[k] for k in _MAGNITUDES}, pad=pad), v)
+        w, p["op"], {k: p[k] for k in _MAGNITUDES}, valid=valid), v)
 
   out = lax.fori_loop(0, params["op"].shape[0], slot, x)
-  return _restore_pad(out, x, pad)
+  return _keep_invalid(out, x, valid)
 
 
+@_PAD_TO_VALID
 def apply_dssn_ops(images: jax.typing.ArrayLike, params: dict, *,
-                   pad: _OptArray = None) -> jax.Array:
+                   valid: _OptArray = None) -> jax.Array:
   """Runs the active slots of `dssn_ops_params` in order; per image, only its ops are computed.
 
   Args:
     images: `[B, H, W, 3]` float in [0, 1].
     params: `dssn_ops_params`' dict of `[num_ops, B]` arrays.
-    pad: optional `[B, H, W]` bool, pixels returned unchanged and out of image statistics.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged
+      and left out of image statistics.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -829,13 +861,14 @@ def apply_dssn_ops(images: jax.typing.ArrayLike, params: dict, *,
   per_image = {k: jnp.swapaxes(jnp.asarray(v), 0, 1) for k, v in params.items()}  # [B, slots]
 
   def one(x, m, prm):
-    return _dssn_ops_one(x, {k: jnp.swapaxes(v, 0, 1) for k, v in prm.items()}, pad=m)
+    return _dssn_ops_one(x, {k: jnp.swapaxes(v, 0, 1) for k, v in prm.items()}, valid=m)
 
-  return _map_images(one, images, pad, per_image)
+  return _map_images(one, images, valid, per_image)
 
 
+@_PAD_TO_VALID
 def random_photometric_ops(rng: jax.Array, images: jax.typing.ArrayLike, *, num_ops: int = 3,
-                           random_num: bool = True, pad: _OptArray = None) -> jax.Array:
+                           random_num: bool = True, valid: _OptArray = None) -> jax.Array:
   """DSSN's RandAugment-like `strong_img_aug(num_aug=3, random_num_sampling=True)`.
 
   Per image, k ~ U{1, ..., num_ops} (or k = num_ops) ops are drawn uniformly *with
@@ -851,14 +884,15 @@ def random_photometric_ops(rng: jax.Array, images: jax.typing.ArrayLike, *, num_
     images: `[B, H, W, 3]` float in [0, 1].
     num_ops: static maximum number of ops (DSSN's `num_aug` = 3).
     random_num: if True k is uniform on {1..num_ops}, else k = num_ops.
-    pad: optional `[B, H, W]` bool, pixels returned unchanged and out of image statistics.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged
+      and left out of image statistics.
 
   Returns:
     `[B, H, W, 3]` float32.
   """
   images = _as_float(images)
   params = dssn_ops_params(rng, images.shape[0], num_ops=num_ops, random_num=random_num)
-  return apply_dssn_ops(images, params, pad=pad)
+  return apply_dssn_ops(images, params, valid=valid)
 
 
 def _split_uniforms(u: jax.Array, sizes: Sequence[int]) -> list:
@@ -866,8 +900,9 @@ def _split_uniforms(u: jax.Array, sizes: Sequence[int]) -> list:
   return [u[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+@_PAD_TO_VALID
 def strong_augment(rng: jax.Array, images: jax.typing.ArrayLike, *, preset: str = "unimatch",
-                   pad: _OptArray = None) -> jax.Array:
+                   valid: _OptArray = None) -> jax.Array:
   """The strong photometric view of a method, one independent draw per image.
 
   Presets (see the module docstring for sources):
@@ -885,7 +920,7 @@ def strong_augment(rng: jax.Array, images: jax.typing.ArrayLike, *, preset: str 
     rng: PRNG key (e.g. `fold_in(fold_in(seed_key, step), view)`).
     images: `[B, H, W, 3]` float in [0, 1].
     preset: one of `PRESETS`.
-    pad: optional `[B, H, W]` bool, pixels returned unchanged.
+    valid: optional `[B, H, W]` bool, True on real pixels; the others are returned unchanged.
 
   Returns:
     `[B, H, W, 3]` float32.
@@ -901,25 +936,25 @@ def strong_augment(rng: jax.Array, images: jax.typing.ArrayLike, *, preset: str 
   else:
     sizes = (COLOR_JITTER_UNIFORMS, 1, 2, DSSN_OPS_UNIFORMS * (3 if preset == "dssn" else 0))
   u = _uniforms(rng, batch, sum(sizes))
-  return _map_images(lambda x, m, ub: _strong_one(ub, x, preset=preset, sizes=sizes, pad=m),
-                     images, pad, u)
+  return _map_images(lambda x, m, ub: _strong_one(ub, x, preset=preset, sizes=sizes, valid=m),
+                     images, valid, u)
 
 
-def _strong_one(u, x, *, preset, sizes, pad):
+def _strong_one(u, x, *, preset, sizes, valid):
   """`strong_augment` on one image `[1, H, W, 3]` from its uniforms `u` `[1, n]`."""
   if preset == "cac":
     u_blur, u_jitter, u_gray = _split_uniforms(u, sizes)
     binomial = jnp.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
     x = _when(u_blur[:, 0] < 0.5,
-              lambda v: separable_filter(v, binomial, border="reflect", pad=pad), x)
+              lambda v: separable_filter(v, binomial, border="reflect", valid=valid), x)
     x = _color_jitter_one_u(u_jitter, x, brightness=0.4, contrast=0.4, saturation=0.4,
-                            hue=0.1, p=0.8, pad=pad)
-    return _grayscale_one(u_gray, x, p=0.2, pad=pad)
+                            hue=0.1, p=0.8, valid=valid)
+    return _grayscale_one(u_gray, x, p=0.2, valid=valid)
   u_jitter, u_gray, u_blur, u_ops = _split_uniforms(u, sizes)
   x = _color_jitter_one_u(u_jitter, x, brightness=0.5, contrast=0.5, saturation=0.5,
-                          hue=0.25, p=0.8, pad=pad)
-  x = _grayscale_one(u_gray, x, p=0.2, pad=pad)
-  x = _gaussian_blur_one(u_blur, x, p=0.5, sigma_range=(0.1, 2.0), pad=pad)
+                          hue=0.25, p=0.8, valid=valid)
+  x = _grayscale_one(u_gray, x, p=0.2, valid=valid)
+  x = _gaussian_blur_one(u_blur, x, p=0.5, sigma_range=(0.1, 2.0), valid=valid)
   if preset == "dssn":
-    x = _dssn_ops_one(x, _dssn_ops_from(u_ops, num_ops=3, random_num=True), pad=pad)
+    x = _dssn_ops_one(x, _dssn_ops_from(u_ops, num_ops=3, random_num=True), valid=valid)
   return x

@@ -13,7 +13,10 @@ reference banks (new items prepended, the list truncated to K).
 
 Memory: a push never materialises `N x C` or `N x C x K` arrays. The per-class random subset
 is one `O(N log N)` sort of `(label, random bits)` pairs; the items chosen are gathered into
-`[C, P, ...]` (P = `max_per_class`) and scattered into the bank with `mode='drop'`.
+`[C, P, ...]` (P = `push_per_class`) and scattered into the bank with `mode='drop'`.
+
+A bank can also be built from given contents (`from_entries`), e.g. a test fixture or a bank
+restored from another codebase, and inspected with `read`.
 """
 
 import dataclasses
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from semijax import collectives
+from semijax import _deprecation, collectives
 
 Spec = Mapping[str, Tuple[Sequence[int], jnp.dtype]]
 
@@ -74,6 +77,56 @@ def init(num_classes: int, capacity: int, spec: Spec) -> ClassBank:
              for name, (shape, dtype) in spec.items()}
   zeros = jnp.zeros((num_classes,), jnp.int32)
   return ClassBank(entries=entries, ptr=zeros, count=zeros)
+
+
+def from_entries(entries: Mapping[str, jax.typing.ArrayLike],
+                 count: Optional[jax.typing.ArrayLike] = None, *,
+                 ptr: Optional[jax.typing.ArrayLike] = None) -> ClassBank:
+  """A bank holding given contents, e.g. a test fixture or a bank from another codebase.
+
+  `read(from_entries(entries, count))` gives back `entries` (slots at or past `count` zeroed)
+  and the validity `arange(K) < count`.
+
+  Args:
+    entries: field name -> `[C, K, ...]` array (stored with its dtype). Slots `[0, count[c])`
+      of class c are its items, in ring-buffer order.
+    count: `[C]` int, items per class in `[0, K]` (default K: every class full).
+    ptr: `[C]` int, the next slot to write (default `count % K`: right after the last item of
+      a partly filled class, the oldest (slot 0) of a full one, which is what pushes into an
+      empty bank leave as long as no class wrapped around).
+
+  Returns:
+    `ClassBank`.
+
+  Raises:
+    ValueError: no field, fields whose leading `[C, K]` differ, or (when `count` is concrete)
+      counts that are not `[C]` ints in `[0, K]`.
+  """
+  if not entries:
+    raise ValueError("entries must name at least one field")
+  entries = {name: jnp.asarray(value) for name, value in entries.items()}
+  shapes = {name: tuple(value.shape) for name, value in entries.items()}
+  if (any(len(shape) < 2 for shape in shapes.values())
+      or len({shape[:2] for shape in shapes.values()}) != 1):
+    raise ValueError(f"every field must be [C, K, ...] with one C and K, got {shapes}")
+  c, k = next(iter(shapes.values()))[:2]
+  if count is None:
+    count = np.full((c,), k, np.int32)
+  try:   # concrete counts are checked (traced ones, under jit, cannot be)
+    count_np = np.asarray(count)
+  except jax.errors.TracerArrayConversionError:
+    count_np = None
+  if count_np is not None and (
+      count_np.shape != (c,) or not np.issubdtype(count_np.dtype, np.integer)
+      or count_np.min(initial=0) < 0 or count_np.max(initial=0) > k):
+    raise ValueError(f"count must be [C={c}] ints in [0, {k}], got {count_np!r}")
+  count = jnp.asarray(count, jnp.int32)
+  ptr = count % k if ptr is None else jnp.asarray(ptr, jnp.int32)
+  slot_valid = jnp.arange(k, dtype=jnp.int32)[None, :] < count[:, None]   # [C, K]
+  stored = {name: jnp.where(slot_valid.reshape(slot_valid.shape + (1,) * (value.ndim - 2)),
+                            value, jnp.zeros((), value.dtype))
+            for name, value in entries.items()}
+  return ClassBank(entries=stored, ptr=ptr, count=count)
 
 
 def read(bank: ClassBank) -> Tuple[Dict[str, jax.Array], jax.Array]:
@@ -206,11 +259,12 @@ def write(bank: ClassBank, entries: Mapping[str, jax.typing.ArrayLike],
                    count=jnp.minimum(bank.count + n_new, k))
 
 
+@_deprecation.renamed_args({"max_per_class": "push_per_class"})
 def push(bank: ClassBank, entries: Mapping[str, jax.typing.ArrayLike],
          labels: jax.typing.ArrayLike, valid: jax.typing.ArrayLike, rng: Optional[jax.Array],
-         *, max_per_class: int, scores: Optional[jax.typing.ArrayLike] = None,
+         *, push_per_class: int, scores: Optional[jax.typing.ArrayLike] = None,
          axis_name: Optional[str] = None) -> ClassBank:
-  """Adds at most `max_per_class` items of each class, chosen at random, FIFO.
+  """Adds at most `push_per_class` items of each class, chosen at random, FIFO.
 
   `select_per_class` followed by `write`. With `axis_name` (inside `pmap`/`shard_map`),
   items, labels and validity are all-gathered first (as constants) and the key is device 0's
@@ -220,9 +274,10 @@ def push(bank: ClassBank, entries: Mapping[str, jax.typing.ArrayLike],
     bank: the bank.
     entries: every field of the bank -> `[N, ...]` items (no gradient flows into the bank).
     labels: `[N]` int class per item (values outside `[0, C)`, e.g. 255, are skipped).
-    valid: `[N]` bool.
+    valid: `[N]` bool, True on the items that may be pushed.
     rng: PRNG key for the random subset (may be None with `scores`).
-    max_per_class: P, the most items a class gains per push (DGCL: 1000). Must be `<= K`.
+    push_per_class: P, the most items a class gains per push (DGCL: 1000). Must be `<= K`.
+      Deprecated alias: `max_per_class`.
     scores: optional `[N]` float; keep the highest-scoring items instead (Alonso et al. keep
       the lowest: pass the negated score).
     axis_name: mapped axis, or None when the inputs are the global batch.
@@ -230,8 +285,8 @@ def push(bank: ClassBank, entries: Mapping[str, jax.typing.ArrayLike],
   Returns:
     The updated bank.
   """
-  if max_per_class > bank.capacity:
-    raise ValueError(f"max_per_class={max_per_class} exceeds capacity={bank.capacity}")
+  if push_per_class > bank.capacity:
+    raise ValueError(f"push_per_class={push_per_class} exceeds capacity={bank.capacity}")
   entries = {name: collectives.all_gather(jnp.asarray(v), axis_name, differentiable=False)
              for name, v in entries.items()}
   labels = collectives.all_gather(jnp.asarray(labels).reshape(-1), axis_name,
@@ -244,7 +299,7 @@ def push(bank: ClassBank, entries: Mapping[str, jax.typing.ArrayLike],
   if rng is not None:
     rng = collectives.same_rng(rng, axis_name)
   idx, sel_valid = select_per_class(labels, valid, rng, num_classes=bank.num_classes,
-                                    max_per_class=max_per_class, scores=scores)
+                                    max_per_class=push_per_class, scores=scores)
   per_class = {name: jnp.take(v, idx, axis=0) for name, v in entries.items()}
   return write(bank, per_class, sel_valid)
 

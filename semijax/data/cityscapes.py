@@ -35,7 +35,8 @@ PALETTE = np.array([
     (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
     (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
-INFO = DatasetInfo("cityscapes", CLASS_NAMES, PALETTE, background_class=None)  # every class is an object
+# Every class is an object: no background class.
+INFO = DatasetInfo("cityscapes", CLASS_NAMES, PALETTE, background_class=None)
 
 # Official labelIds (0..33) of the 19 evaluated classes, in trainId order.
 EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
@@ -106,6 +107,14 @@ def missing_files(root: str, ids: Sequence[str], *, labeled: bool,
     missing.extend(p for p in paths if not os.path.isfile(p))
   return missing
 
+
+
+def check_split_files(spec: splits.SplitSpec, root: str) -> None:
+  """Raises `DataError` naming the files of `spec` missing under `root` (cityscapes layout)."""
+  splits.check_files(
+      spec, root, missing_files,
+      "missing *_gtFine_labelTrainIds.png: run `python -m experiments.prepare_data "
+      "cityscapes --root ROOT --fix`")
 
 def scan_ids(root: str, split: str) -> tuple:
   """Ids of the images present under `leftImg8bit/SPLIT/*/`, sorted."""

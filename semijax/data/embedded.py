@@ -20,7 +20,11 @@ from typing import Tuple
 import numpy as np
 from PIL import Image
 
+from semijax import extras
 from semijax.data import sources
+
+# What needs the `embedded` extra, in its MissingExtraError.
+_PURPOSE = "the embedded dataset (its images ship inside scikit-learn and scikit-image)"
 
 CLASS_NAMES = ("background",) + tuple(f"digit {d}" for d in range(10))
 # Background black; digits from a fixed qualitative palette.
@@ -52,14 +56,15 @@ class SceneConfig:
 
 def _photos() -> list:
   """The bundled photographs as float32 RGB in [0, 1]."""
-  import skimage.data  # pylint: disable=g-import-not-at-top
-  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  skimage_data = extras.require("skimage.data", "scikit-image", "embedded", _PURPOSE)
+  load_sample_images = extras.require("sklearn.datasets", "scikit-learn", "embedded",
+                                      _PURPOSE).load_sample_images
   photos = []
   for name in _COLOUR_PHOTOS:
-    im = getattr(skimage.data, name)()[..., :3]
+    im = getattr(skimage_data, name)()[..., :3]
     photos.append(im.astype(np.float32) / 255.0)
   for name in _GRAY_PHOTOS:
-    im = getattr(skimage.data, name)().astype(np.float32) / 255.0
+    im = getattr(skimage_data, name)().astype(np.float32) / 255.0
     photos.append(np.repeat(im[..., None], 3, axis=-1))
   for im in load_sample_images().images:
     photos.append(im.astype(np.float32) / 255.0)
@@ -150,8 +155,8 @@ def generate(cfg: SceneConfig = SceneConfig()) -> dict:
 
   Takes a few seconds; cached per config within a process.
   """
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  digits = load_digits()
+  digits = extras.require("sklearn.datasets", "scikit-learn", "embedded",
+                          _PURPOSE).load_digits()
   # Disjoint digit scans: a fixed permutation, 80% for train scenes, 20% for val.
   order = np.random.default_rng(1234).permutation(len(digits.images))
   cut = int(0.8 * len(order))

@@ -44,8 +44,14 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from semijax.data import splits
-from semijax.data.sources import (IGNORE_INDEX, DataError, DatasetInfo, FileItem, FileSource,
-                                  list_problems)
+from semijax.data.sources import (
+  IGNORE_INDEX,
+  DataError,
+  DatasetInfo,
+  FileItem,
+  FileSource,
+  list_problems,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 METADATA = "dataset.json"

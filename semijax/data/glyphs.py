@@ -28,6 +28,7 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from semijax import extras
 from semijax.data import embedded
 
 CHARACTERS = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -136,15 +137,16 @@ def _textures(num: int, rng: np.random.Generator) -> list:
 
 def source_photos(num_textures: int, seed: int) -> list:
   """The backgrounds: `SOURCE_PHOTOS` (and the 200 `lfw_subset` faces tiled) plus textures."""
-  import skimage.data  # pylint: disable=g-import-not-at-top
+  skimage_data = extras.require("skimage.data", "scikit-image", "embedded",
+                                "the glyph pretraining data (its photographs ship in scikit-image)")
   photos = []
   for name in SOURCE_PHOTOS:
-    im = getattr(skimage.data, name)()
+    im = getattr(skimage_data, name)()
     im = im.astype(np.float32) / (255.0 if im.dtype == np.uint8 else max(float(im.max()), 1.0))
     if im.ndim == 2:
       im = np.repeat(im[..., None], 3, axis=-1)
     photos.append(im[..., :3])
-  faces = skimage.data.lfw_subset().astype(np.float32)   # [200, 25, 25] in [0, 1]
+  faces = skimage_data.lfw_subset().astype(np.float32)   # [200, 25, 25] in [0, 1]
   mosaic = faces[:196].reshape(14, 14, 25, 25).transpose(0, 2, 1, 3).reshape(350, 350)
   photos.append(np.repeat(mosaic[..., None], 3, axis=-1))
   photos += _textures(num_textures, np.random.default_rng([seed, 2]))

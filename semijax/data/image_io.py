@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from semijax.data.sources import IGNORE_INDEX, DataError
+from semijax.data.errors import IGNORE_INDEX, DataError
 
 PathLike = Union[str, os.PathLike]
 

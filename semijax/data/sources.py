@@ -17,11 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = 255
-
-
-class DataError(ValueError):
-  """A dataset file, split or record is not what it should be; the message names it."""
+from semijax.data import image_io
+from semijax.data.errors import IGNORE_INDEX, DataError  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +224,6 @@ class FileSource:
     return len(self.items)
 
   def __getitem__(self, i: int) -> dict:
-    from semijax.data import image_io  # local: image_io imports this module
     item = self.items[int(i)]
     image = image_io.read_image(item.image)
     if self.labeled:
@@ -239,7 +235,6 @@ class FileSource:
 
   def read_label(self, path: str) -> np.ndarray:
     """Reads, maps (`lut`) and checks one label file of this source: `[H, W]` uint8."""
-    from semijax.data import image_io
     label = image_io.read_label(path, rgb_palette=self.rgb_palette)
     if self.lut is not None:
       mapped = self.lut[label]
@@ -318,7 +313,6 @@ def _packed_builder_class():
       return {name: self._generate_examples(src) for name, src in self._pack_splits.items()}
 
     def _generate_examples(self, src):
-      from semijax.data import image_io
       for pos, item in enumerate(src.items):
         with open(item.image, "rb") as f:
           image_bytes = f.read()
@@ -430,7 +424,6 @@ class PackedSource:
     return len(self.positions)
 
   def __getitem__(self, i: int) -> dict:
-    from semijax.data import image_io
     record = self._data_source()[int(self.positions[int(i)])]
     rid = record["id"].decode() if isinstance(record["id"], bytes) else str(record["id"])
     name = f"{self.directory}[{self.split}:{rid}]"

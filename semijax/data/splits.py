@@ -261,7 +261,7 @@ def _choices(dataset: str) -> str:
   return "; ".join(f"{p}: {', '.join(n)}" for p, n in protocols(dataset).items())
 
 
-def load_split(dataset: str, protocol: str, name, *, root: Optional[str] = None,
+def load_split(dataset: str, protocol: str, name, *,
                directory: Optional[str] = None) -> SplitSpec:
   """Loads and validates a registered split.
 
@@ -269,8 +269,6 @@ def load_split(dataset: str, protocol: str, name, *, root: Optional[str] = None,
     dataset: `'voc'` or `'cityscapes'`.
     protocol: see `protocols(dataset)`, e.g. `'classic'`, `'blended_cps'`, `'cps'`.
     name: e.g. `732`, `'1_16'` or `'1/16'`.
-    root: optional dataset folder; if given, every file the split needs (images of both parts,
-      labels of the labeled part) must exist there.
     directory: read the lists from this folder (same structure as `semijax/data/splits/`)
       instead of the shipped ones.
 
@@ -279,8 +277,8 @@ def load_split(dataset: str, protocol: str, name, *, root: Optional[str] = None,
 
   Raises:
     DataError: unknown protocol or name (the valid choices are listed), an unreadable or empty
-      list, overlap or incomplete coverage, or files missing under `root` (named, with the
-      command that fixes the usual causes).
+      list, overlap or incomplete coverage. (Whether its files exist under a dataset folder is
+      the dataset module's check: `voc.check_split_files`, `cityscapes.check_split_files`.)
   """
   _check_dataset(dataset)
   if protocol not in _REGISTRY[dataset]:
@@ -293,13 +291,11 @@ def load_split(dataset: str, protocol: str, name, *, root: Optional[str] = None,
   spec = SplitSpec(dataset, protocol, key, read_id_list(labeled_file, dataset),
                    read_id_list(unlabeled_file, dataset), (labeled_file, unlabeled_file))
   validate_split(spec, train_ids(dataset, directory=directory))
-  if root is not None:
-    check_files(spec, root)
   return spec
 
 
 def load_split_files(labeled_file: str, unlabeled_file: Optional[str], *, dataset: str,
-                     train: Optional[Sequence[str]] = None, root: Optional[str] = None,
+                     train: Optional[Sequence[str]] = None,
                      name: Optional[str] = None) -> SplitSpec:
   """Loads a user's own pair of split lists (any of the supported line formats).
 
@@ -309,7 +305,6 @@ def load_split_files(labeled_file: str, unlabeled_file: Optional[str], *, datase
     dataset: `'voc'`, `'cityscapes'` (ids are pattern-checked) or any other name.
     train: optional train ids the two lists must cover; for VOC/Cityscapes the shipped train
       set is used when this is None.
-    root: optional dataset folder to check the files against (VOC/Cityscapes only).
     name: split name for messages (default: the labeled file's name).
   """
   labeled = read_id_list(labeled_file, dataset)
@@ -320,32 +315,21 @@ def load_split_files(labeled_file: str, unlabeled_file: Optional[str], *, datase
   if train is None and dataset in _REGISTRY:
     train = train_ids(dataset)
   validate_split(spec, train)
-  if root is not None:
-    check_files(spec, root)
   return spec
 
 
-def _missing_fn(dataset: str) -> Callable:
-  if dataset == "voc":
-    from semijax.data import voc
-    return voc.missing_files
-  if dataset == "cityscapes":
-    from semijax.data import cityscapes
-    return cityscapes.missing_files
-  raise DataError(f"no file layout known for dataset {dataset!r}")
+def check_files(spec: SplitSpec, root: str, missing_files: Callable, hint: str) -> None:
+  """Raises `DataError` naming the files of `spec` missing under `root`.
 
-
-def check_files(spec: SplitSpec, root: str) -> None:
-  """Raises `DataError` naming the files of `spec` missing under `root` (VOC/Cityscapes layout)."""
-  missing_files = _missing_fn(spec.dataset)
+  Args:
+    spec: the split.
+    root: the dataset folder.
+    missing_files: the dataset layout's `(root, ids, *, labeled) -> [missing paths]`.
+    hint: what usually fixes missing files of this dataset (appended to the message).
+  """
   missing = (missing_files(root, spec.labeled_ids, labeled=True)
              + missing_files(root, spec.unlabeled_ids, labeled=False))
   if missing:
-    hint = {"voc": "labels missing from SegmentationClassAug usually mean the SBD masks were not "
-                   "converted: run `python -m experiments.prepare_data voc --root ROOT --fix --sbd "
-                   "SBD/benchmark_RELEASE/dataset`",
-            "cityscapes": "missing *_gtFine_labelTrainIds.png: run `python -m "
-                          "experiments.prepare_data cityscapes --root ROOT --fix`"}[spec.dataset]
     raise DataError(f"{spec!r} under {root}: {len(missing)} files not found: "
                     f"{list_problems(missing)}. ({hint})")
 

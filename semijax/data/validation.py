@@ -22,8 +22,7 @@ import os
 from typing import Optional
 
 from semijax.data import image_io
-from semijax.data.sources import (ArraySource, DataError, FileSource, LabelValueError,
-                                  list_problems)
+from semijax.data.sources import ArraySource, DataError, FileSource, LabelValueError, list_problems
 
 _PNG_END = b"IEND"
 _JPEG_END = b"\xff\xd9"

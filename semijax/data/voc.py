@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from semijax import extras
 from semijax.data import image_io, splits
 from semijax.data.sources import DataError, DatasetInfo, FileItem, FileSource, list_problems
 
@@ -95,6 +96,15 @@ def missing_files(root: str, ids: Sequence[str], *, labeled: bool,
       missing.append(os.path.join(root, f"{{{where}}}", image_id + ".png"))
   return missing
 
+
+
+def check_split_files(spec: splits.SplitSpec, root: str) -> None:
+  """Raises `DataError` naming the files of `spec` missing under `root` (voc layout)."""
+  splits.check_files(
+      spec, root, missing_files,
+      "labels missing from SegmentationClassAug usually mean the SBD masks were not "
+      "converted: run `python -m experiments.prepare_data voc --root ROOT --fix --sbd "
+      "SBD/benchmark_RELEASE/dataset`")
 
 def source(root: str, ids: Sequence[str], *, labeled: bool = True, label_dir: str = "auto",
            indices: Optional[Sequence[int]] = None) -> FileSource:
@@ -171,11 +181,11 @@ def read_sbd_mat(path: str) -> np.ndarray:
   Raises:
     DataError: unreadable file, no `GTcls.Segmentation`, or values outside 0..20.
   """
-  import scipy.io  # local: only the converter needs scipy
+  scipy_io = extras.require("scipy.io", "scipy", "sbd", "reading SBD .mat files")
   if not os.path.isfile(path):
     raise DataError(f"{path}: file not found")
   try:
-    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    mat = scipy_io.loadmat(path, squeeze_me=True, struct_as_record=False)
   except Exception as e:  # scipy raises ValueError, TypeError, MatReadError... on bad files
     raise DataError(f"{path}: cannot read MATLAB file ({type(e).__name__}: {e})") from e
   gt = mat.get("GTcls")

@@ -20,3 +20,10 @@ from semijax.eval.metrics import (
     read_accumulator,
     zeros_accumulator,
 )
+
+__all__ = [
+  "MODES", "ConfusionAccumulator", "accumulate", "center_crop", "confusion_matrix",
+  "default_stride", "evaluate", "init_accumulator", "iou_from_confusion", "make_protocol",
+  "predict_center_crop", "predict_sliding_window", "predict_whole", "read_accumulator",
+  "sliding_window_starts", "zeros_accumulator",
+]

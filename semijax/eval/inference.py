@@ -387,5 +387,5 @@ def evaluate(logits_fn: Callable, batches: Iterable[dict], num_classes: int, *, 
   if counts[c2]:
     warnings.warn(f"{counts[c2]} labelled pixels have labels outside [0, {num_classes}) and "
                   f"were not counted (ignore_index={ignore_index}); check the label encoding "
-                  "(e.g. Cityscapes *_labelTrainIds.png, not *_labelIds.png).")
+                  "(e.g. Cityscapes *_labelTrainIds.png, not *_labelIds.png).", stacklevel=2)
   return result

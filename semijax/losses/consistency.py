@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from semijax import collectives, ops
+from semijax import _deprecation, collectives, ops
 from semijax.losses import supervised
 
 FORMS = ("standardized_mse", "l2")
@@ -106,38 +106,41 @@ def logit_consistency_loss(
   return loss, {"selected_ratio": n_sel / jnp.maximum(n_all, 1.0)}
 
 
+@_deprecation.renamed_args({"pad": _deprecation.pad_to_valid()}, positional=("pad",))
 def weak_to_strong_loss(
     logits: jax.typing.ArrayLike,
     pseudo_labels: jax.typing.ArrayLike,
     mask: jax.typing.ArrayLike,
-    pad: Optional[jax.typing.ArrayLike] = None,
     *,
+    valid: Optional[jax.typing.ArrayLike] = None,
     axis_name: Optional[str] = None,
 ) -> Tuple[jax.Array, dict]:
   """DSSN's weak-to-strong pseudo-label CE (eqs. 18-19) as the official code normalises it.
 
-    L_w2s = sum_x m(x) CE(h^s(x), y_hat(x)) / #{x : not padding}
+    L_w2s = sum_x m(x) CE(h^s(x), y_hat(x)) / #{x : valid(x)}
 
-  with m the CPLG mask (`semijax.pseudo.cplg_mask`) of the weak view, restricted to
-  non-padding pixels. A thin wrapper of `cross_entropy_loss(reduction='all',
-  normalizer_mask=~pad)`; call it once per strong view (DSSN sums s1, s2, fp, Fp with
+  with m the CPLG mask (`semijax.pseudo.cplg_mask`) of the weak view, restricted to valid
+  (non-padding) pixels. A thin wrapper of `cross_entropy_loss(reduction='all',
+  normalizer_mask=valid)`; call it once per strong view (DSSN sums s1, s2, fp, Fp with
   weight 0.25 each). Pseudo-labels are constants: stop-gradient them (done here too).
 
   Args:
     logits: `[B, H, W, C]` strong-view logits.
     pseudo_labels: `[B, H, W]` int, the weak view's (CutMix-mixed) argmax.
     mask: `[B, H, W]` bool, the selection (CPLG or confidence mask).
-    pad: optional `[B, H, W]` bool padding (the normaliser counts the other pixels).
+    valid: optional `[B, H, W]` bool, True on real pixels (the normaliser counts them; default
+      every pixel). Deprecated alias: `pad=` (True on padding), also as the 4th positional
+      argument, converted to `valid=~pad`.
     axis_name: mapped axis for the global value.
 
   Returns:
-    `(loss, aux)` with `selected_ratio` (selected / non-padding pixels).
+    `(loss, aux)` with `selected_ratio` (selected / valid pixels).
   """
   pseudo_labels = jax.lax.stop_gradient(jnp.asarray(pseudo_labels, jnp.int32))
   mask = jnp.asarray(mask, bool)
   normalizer = None
-  if pad is not None:
-    normalizer = ~jnp.asarray(pad, bool)
+  if valid is not None:
+    normalizer = jnp.asarray(valid, bool)
     mask = mask & normalizer
   return supervised.cross_entropy_loss(logits, pseudo_labels, mask, reduction="all",
                                        normalizer_mask=normalizer, axis_name=axis_name)

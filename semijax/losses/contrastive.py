@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from semijax import collectives, ops
+from semijax import _deprecation, collectives, ops
 from semijax.banks import fifo
-from semijax.sampling import density as density_lib
-from semijax.sampling import dgcl as dgcl_sampling
+from semijax.sampling import density as density_lib, dgcl as dgcl_sampling
 
 FORMS = ("supcon", "paper")
 
@@ -146,6 +145,7 @@ def dgcl_loss(anchors: jax.typing.ArrayLike, centre: jax.typing.ArrayLike,
   return loss, aux
 
 
+@_deprecation.renamed_args({"max_pixels_per_class": "max_per_class"})
 def dgcl_contrastive_loss(
     projections: jax.typing.ArrayLike,
     features: jax.typing.ArrayLike,
@@ -157,7 +157,7 @@ def dgcl_contrastive_loss(
     num_batch_keys: int = 50,
     num_bank_keys: int = 50,
     num_negatives: int = 512,
-    max_pixels_per_class: Optional[int] = 10000,
+    max_per_class: Optional[int] = 10000,
     ks: Sequence[int] = density_lib.DEFAULT_KS,
     temperature: float = 0.5,
     form: str = "supcon",
@@ -183,8 +183,9 @@ def dgcl_contrastive_loss(
     labels: `[B, h, w]` int contrastive labels (GT + filtered pseudo-labels, `ignore_index`).
     bank: DGCL `ClassBank` (fields `feature`, `projection`, `density`).
     rng: PRNG key.
-    num_anchors, num_batch_keys, num_bank_keys, num_negatives, max_pixels_per_class, ks,
-      exclude_classes, small_class_density: see `semijax.sampling.dgcl.sample`.
+    num_anchors, num_batch_keys, num_bank_keys, num_negatives, max_per_class, ks,
+      exclude_classes, small_class_density: see `semijax.sampling.dgcl.sample`
+      (deprecated alias of `max_per_class`: `max_pixels_per_class`).
     temperature, form, eps: see `dgcl_loss`.
     wait_for_full_bank: official: the loss is 0 until every class bank holds K items (the
       whole computation is skipped with `lax.cond` until then).
@@ -197,7 +198,11 @@ def dgcl_contrastive_loss(
 
   Returns:
     `(loss, aux)`: scalar float32 and a flat dict of scalars (sampling and loss diagnostics,
-    `bank_full`).
+    `bank_full`) plus one non-scalar entry, `aux["selection"]`: the `DGCLSelection` of
+    `semijax.sampling.dgcl.sample` (anchor, batch-key and negative indices into the flattened
+    global batch `[D * B * h * w]`, bank-key slots, and their validity masks), so a caller can
+    inspect what was contrasted. While `wait_for_full_bank` skips the loss it has the same
+    shapes with every validity mask False. Pop it before logging `aux` as scalars.
   """
   projections = jnp.asarray(projections)
   features = jnp.asarray(features)
@@ -213,7 +218,7 @@ def dgcl_contrastive_loss(
     sel, aux = dgcl_sampling.sample(
         feats, labels, bank, rng, num_anchors=num_anchors, num_batch_keys=num_batch_keys,
         num_bank_keys=num_bank_keys, num_negatives=num_negatives,
-        max_pixels_per_class=max_pixels_per_class, ks=ks, exclude_classes=exclude_classes,
+        max_per_class=max_per_class, ks=ks, exclude_classes=exclude_classes,
         small_class_density=small_class_density, ignore_index=ignore_index,
         chunk_size=chunk_size, compute_dtype=compute_dtype)
     anchors = jnp.take(proj, sel.anchor_idx, axis=0).astype(jnp.float32)
@@ -228,6 +233,7 @@ def dgcl_contrastive_loss(
                                sel.negative_valid, centre_valid & sel.class_valid,
                                temperature=temperature, form=form, eps=eps)
     aux.update(loss_aux)
+    aux["selection"] = sel
     return loss, aux
 
   args = (proj, feats, labels, bank, rng)

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from semijax import collectives, ops
-from semijax.banks import csc as csc_bank
-from semijax.banks import fifo
+from semijax.banks import csc as csc_bank, fifo
 from semijax.sampling import semihard
 
 REDUCTIONS = ("sum", "mean")
@@ -396,8 +395,8 @@ def csc_contrastive_loss(
   rng_sample, rng_cap = jax.random.split(rng)
   offset = 0 if axis_name is None else lax.axis_index(axis_name)
   image_ids = jnp.arange(b, dtype=jnp.int32) + offset * b
-  sel = semihard.semi_hard_anchors(labels, predictions, rng_sample, views=views, valid=valid,
-                                   image_ids=image_ids, ignore_index=ignore_index)
+  sel, _ = semihard.sample(labels, predictions, rng_sample, views=views, valid=valid,
+                           image_ids=image_ids, ignore_index=ignore_index)
   vmax = sel.index.shape[-1]
   flat = (jnp.arange(b, dtype=jnp.int32)[:, None, None] * (h * w) + sel.index).reshape(-1)
   local = jnp.take(features.reshape(b * h * w, d), flat, axis=0).astype(jnp.float32)

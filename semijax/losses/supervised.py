@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from semijax import collectives, ops
+from semijax import _deprecation, collectives, ops
 
 REDUCTIONS = ("selected", "all", "u2pl")
 
@@ -54,7 +54,8 @@ def cross_entropy_loss(
     u2pl:     sum_i s_i l_i / sum_i s_i * N / sum_i s_i  (U2PL/DGCL unsupervised weighting)
 
   where N counts all pixels, or the pixels of `normalizer_mask` when given (DSSN divides by
-  the non-padding pixels: pass the CPLG mask as `mask` and the padding mask here).
+  the non-padding pixels: pass the CPLG mask as `mask` and the `valid` mask here). Every mask
+  here means True = counts.
 
   Args:
     logits: `[B, H, W, C]`.
@@ -62,7 +63,7 @@ def cross_entropy_loss(
     mask: optional `[B, H, W]` bool/float selection (e.g. confidence mask), weights allowed.
     ignore_index: label value to skip.
     reduction: one of `REDUCTIONS`.
-    normalizer_mask: optional `[B, H, W]` pixels that count as N.
+    normalizer_mask: optional `[B, H, W]` bool, the pixels that count in N (True = counts).
     axis_name: mapped axis for the global value inside `pmap`/`shard_map`.
 
   Returns:
@@ -88,11 +89,12 @@ def cross_entropy_loss(
   return loss, {"selected_ratio": n_sel / jnp.maximum(n_all, 1.0)}
 
 
+@_deprecation.renamed_args({"thresh": "threshold"})
 def ohem_cross_entropy_loss(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
-    thresh: float = 0.7,
+    threshold: float = 0.7,
     min_kept: int = 100_000,
     ignore_index: int = ops.IGNORE_INDEX,
     axis_name: Optional[str] = None,
@@ -100,7 +102,7 @@ def ohem_cross_entropy_loss(
   """Online hard example mining CE (the Cityscapes loss of U2PL, DGCL, DSSN).
 
   A valid pixel is kept when its true-class probability p_i <= t, where
-  t = max(thresh, p_(min_kept)) and p_(k) is the k-th smallest p over valid pixels; if there
+  t = max(threshold, p_(min_kept)) and p_(k) is the k-th smallest p over valid pixels; if there
   are at most `min_kept` valid pixels all are kept. The loss is the mean CE over kept pixels.
 
   `min_kept` counts pixels of the batch this call sees: the official recipes apply it per
@@ -109,7 +111,7 @@ def ohem_cross_entropy_loss(
   Args:
     logits: `[B, H, W, C]`.
     labels: `[B, H, W]` int.
-    thresh: probability threshold.
+    threshold: probability threshold (deprecated alias: `thresh`).
     min_kept: static minimum number of hardest pixels kept.
     ignore_index: label value to skip.
     axis_name: mapped axis (the kept set is then chosen over the global batch).
@@ -129,11 +131,11 @@ def ohem_cross_entropy_loss(
   if k > 0:
     kth, _, kth_valid = ops.masked_bottom_k(flat_p, flat_valid, k)
     kth_value = kth[-1]
-    threshold = jnp.where(kth_valid[-1] & (kth_value > thresh), kth_value, thresh)
+    cut = jnp.where(kth_valid[-1] & (kth_value > threshold), kth_value, threshold)
   else:
-    threshold = jnp.asarray(thresh, jnp.float32)
+    cut = jnp.asarray(threshold, jnp.float32)
   keep_all = n_valid <= min_kept
-  kept = valid & (keep_all | (prob <= threshold))
+  kept = valid & (keep_all | (prob <= cut))
   loss, _ = cross_entropy_loss(logits, labels, kept, ignore_index=ignore_index,
                                axis_name=axis_name)
   n_kept = collectives.global_sum(jnp.sum(kept), axis_name)

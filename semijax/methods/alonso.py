@@ -64,7 +64,7 @@ class Sharpened(pseudo_labels.Rule):
     del step
     probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
     return sharpened.sharpened_confidence(probs, power=self.cfg.power,
-                                          threshold=self.cfg.threshold, pad=pad)
+                                          threshold=self.cfg.threshold, valid=~pad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +363,8 @@ class Alonso(teacher_student.TeacherStudent):
     c.rampup_steps = min(c.rampup_steps, 2)
     c.classmix_start_step = min(c.classmix_start_step, 1)
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, info=None):
+    super().__init__(config, info)
     cfg = self.cfg
     for field, value, allowed in (("rampup", cfg.rampup, ("sigmoid", "step")),
                                   ("augment", cfg.augment, ("official", "paper")),

@@ -173,6 +173,6 @@ def supervised_loss(logits: jax.Array, labels: jax.Array, loss_config) -> Tuple[
   if loss_config.supervised == "ce":
     return supervised.cross_entropy_loss(logits, labels)
   if loss_config.supervised == "ohem":
-    return supervised.ohem_cross_entropy_loss(logits, labels, thresh=loss_config.ohem_thresh,
+    return supervised.ohem_cross_entropy_loss(logits, labels, threshold=loss_config.ohem_thresh,
                                               min_kept=loss_config.ohem_min_kept)
   raise ValueError(f"config.loss.supervised={loss_config.supervised!r}; expected 'ce' or 'ohem'")

@@ -400,7 +400,7 @@ class CAC(base.Method):
     for v, (x, pad) in enumerate(zip(images, pads)):
       if cfg.photometric != "none":
         x = photometric.strong_augment(ctx.key(f"cac/photometric{v + 1}"), x,
-                                       preset=cfg.photometric, pad=pad)
+                                       preset=cfg.photometric, valid=~pad)
       outs.append(ctx.student(x, method=forward))
 
     crop = unl["image"].shape[1]
@@ -418,7 +418,7 @@ class CAC(base.Method):
         truth = jnp.where(pad, ops.IGNORE_INDEX, hidden[..., v])
         view["truth"] = ops.resize_nearest(truth, (h, h))
       views.append(view)
-    valid = [overlap.block_valid(pad, cfg.stride) for pad in pads]
+    valid = [overlap.valid_blocks(~pad, cfg.stride) for pad in pads]
     pairs1, pairs2, pair_valid = overlap.pair_views(
         views[0], views[1], unl["pair_boxes"], unl["pair_flips"], stride=cfg.stride,
         valid1=valid[0], valid2=valid[1])
@@ -526,9 +526,9 @@ class CACDirectional(terms_lib.Term):
         truth = mix.mix(s.box, hidden, mix.roll_batch(hidden))
         view["truth"] = ops.resize_nearest(jnp.where(s.pad, ops.IGNORE_INDEX, truth),
                                            proj.shape[1:3])
-      own = overlap.block_valid(s.pad | s.box, stride)       # pixels of the image itself
+      own = overlap.valid_blocks(~(s.pad | s.box), stride)   # pixels of the image itself
       pair_valid = own if pair_valid is None else pair_valid & own
-      negatives.append((view, overlap.block_valid(s.pad, stride)))
+      negatives.append((view, overlap.valid_blocks(~s.pad, stride)))
       maps.append(view)
     loss, metrics, extras = self.contrast(
         ctx.key(self.name), ctx.method_state[self.name], maps[0], maps[1], pair_valid,

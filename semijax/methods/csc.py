@@ -28,8 +28,7 @@ from jax import lax
 from semijax import ops
 from semijax.augment import mix
 from semijax.banks import csc as csc_bank
-from semijax.losses import csc as csc_loss
-from semijax.losses import supervised
+from semijax.losses import csc as csc_loss, supervised
 from semijax.methods import base, diagnostics, registry, teacher_student, terms
 from semijax.models import heads as heads_lib
 from semijax.sampling import semihard
@@ -128,8 +127,8 @@ class CSCContrast(terms.Term):
     c.cons_interval = 1
     c.cons_probe_images = min(c.cons_probe_images, 2)
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, info=None):
+    super().__init__(config, info)
     cfg = self.cfg
     if cfg.contrast_labels not in CONTRAST_LABELS:
       raise ValueError(f"config.csc_contrast.contrast_labels={cfg.contrast_labels!r}; "
@@ -175,9 +174,14 @@ class CSCContrast(terms.Term):
 
   # -- The loss. -----------------------------------------------------------------------------
 
-  def _unlabeled_labels(self, views, size):
+  def _unlabeled_labels(self, ctx, views, size):
     """The strong view's contrastive labels at image resolution (ignore on padding)."""
     strong = views.strong[0]
+    if terms.oracle_enabled(self.config) and ctx.hidden_labels is not None:
+      # The oracle switch: the true masks, mixed like the view (diagnostics only).
+      hidden = jnp.where(views.unlabeled["pad"], ops.IGNORE_INDEX, ctx.hidden_labels)
+      hidden = mix.mix(strong.box, hidden, mix.roll_batch(hidden))
+      return jnp.where(strong.pad, ops.IGNORE_INDEX, hidden)
     if self.cfg.contrast_labels == "pseudo_labels":
       if strong.labels is None or strong.mask is None:
         raise ValueError("csc_contrast.contrast_labels='pseudo_labels' needs a recipe that "
@@ -193,7 +197,7 @@ class CSCContrast(terms.Term):
     cfg = self.cfg
     if not views.strong or views.strong[0].outputs is None:
       raise ValueError(f"term {self.name!r} needs the student's outputs on a strong view")
-    lab, unl, strong = views.labeled, views.unlabeled, views.strong[0]
+    lab, strong = views.labeled, views.strong[0]
     size = views.size
     num_classes = views.teacher_logits.shape[-1]
     s_lab, s_str = views.student_labeled, strong.outputs
@@ -207,7 +211,7 @@ class CSCContrast(terms.Term):
     feats_u = csc_loss.l2_normalize(s_str[HEAD])
     labels_l = ops.resize_nearest(jnp.where(lab["pad"], ops.IGNORE_INDEX, lab["label"]),
                                   feat_size)
-    labels_u = ops.resize_nearest(self._unlabeled_labels(views, size), feat_size)
+    labels_u = ops.resize_nearest(self._unlabeled_labels(ctx, views, size), feat_size)
     pred_l = jnp.argmax(s_lab["logits"], axis=-1).astype(jnp.int32)
     pred_u = jnp.argmax(s_str["logits"], axis=-1).astype(jnp.int32)
     warmup = self.config.train.supervised_warmup_steps

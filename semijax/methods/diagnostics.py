@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import jax
 import jax.numpy as jnp
 
-from semijax import ops
+from semijax import _deprecation, ops
 
 NUM, DEN = "/num", "/den"
 
@@ -135,18 +135,26 @@ def merge(total: Dict, new: Dict) -> Dict:
   return out
 
 
-def oracle_labels(truth: jax.typing.ArrayLike, pad: Optional[jax.typing.ArrayLike] = None,
-                  *, ignore_index: int = ops.IGNORE_INDEX):
+@_deprecation.renamed_args({"pad": _deprecation.pad_to_valid()}, positional=("pad",))
+def oracle_labels(truth: jax.typing.ArrayLike, *, valid: Optional[jax.typing.ArrayLike] = None,
+                  ignore_index: int = ops.IGNORE_INDEX):
   """The oracle's pseudo-labels: the ground truth, selected wherever it is known.
 
+  Args:
+    truth: `[...]` int ground truth with `ignore_index`.
+    valid: optional `[...]` bool, True on real pixels (default all); deprecated alias `pad=`
+      (True on padding), also as the second positional argument.
+    ignore_index: the ground truth's unknown value.
+
   Returns:
-    `(labels [...] int32, mask [...] bool, aux)` like a pseudo-label rule.
+    `(labels [...] int32, mask [...] bool, aux)` like a pseudo-label rule; aux has
+    `selected_ratio` (selected / valid pixels).
   """
   truth = jnp.asarray(truth, jnp.int32)
   mask = truth != ignore_index
-  if pad is not None:
-    mask = mask & ~jnp.asarray(pad, bool)
-  valid = jnp.ones(mask.shape, bool) if pad is None else ~jnp.asarray(pad, bool)
+  if valid is not None:
+    mask = mask & jnp.asarray(valid, bool)
+  valid = jnp.ones(mask.shape, bool) if valid is None else jnp.asarray(valid, bool)
   ratio = jnp.sum(mask.astype(jnp.float32)) / jnp.maximum(jnp.sum(valid.astype(jnp.float32)),
                                                           1.0)
   return truth, mask, {"selected_ratio": ratio}

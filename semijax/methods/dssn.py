@@ -100,7 +100,8 @@ class DSSN(teacher_student.TeacherStudent):
                                                          mix.roll_batch(hidden))
       view.labels, view.mask, aux = self.pseudo_label(ctx, mixed_t, view.pad, mixed_hidden,
                                                       metrics)
-      loss_v, _ = consistency.weak_to_strong_loss(logits_v, view.labels, view.mask, view.pad)
+      loss_v, _ = consistency.weak_to_strong_loss(logits_v, view.labels, view.mask,
+                                                  valid=~view.pad)
       w2s.append(loss_v)
       metrics[f"loss_w2s_strong{v + 1}"] = loss_v
       metrics[f"pseudo_label_ratio_strong{v + 1}"] = aux["selected_ratio"]
@@ -115,8 +116,10 @@ class DSSN(teacher_student.TeacherStudent):
       u_clean = jax.lax.stop_gradient(clean_logits[n_l:])
       pseudo_fp, select_fp, aux_fp = self.pseudo_label(ctx, u_clean, pad, hidden, metrics,
                                                        prefix="pl_feature")
-      l1, _ = consistency.weak_to_strong_loss(fp1_logits[n_l:], pseudo_fp, select_fp, pad)
-      l2, _ = consistency.weak_to_strong_loss(fp2_logits[n_l:], pseudo_fp, select_fp, pad)
+      l1, _ = consistency.weak_to_strong_loss(fp1_logits[n_l:], pseudo_fp, select_fp,
+                                              valid=~pad)
+      l2, _ = consistency.weak_to_strong_loss(fp2_logits[n_l:], pseudo_fp, select_fp,
+                                              valid=~pad)
       loss_w2s_feature = l1 + l2
       metrics["pseudo_label_ratio_feature"] = aux_fp["selected_ratio"]
       if cfg.consistency_feature:

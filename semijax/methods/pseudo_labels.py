@@ -37,7 +37,11 @@ class Rule:
     return ml_collections.ConfigDict()
 
   def __call__(self, logits: jax.Array, pad: jax.Array, step: jax.Array):
-    """`logits` float32 `[B, H, W, C]`, `pad` bool `[B, H, W]` -> (labels, mask, aux)."""
+    """`logits` float32 `[B, H, W, C]`, `pad` bool `[B, H, W]` -> (labels, mask, aux).
+
+    `pad` is the batch record's field (True on padding); a rule hands `valid=~pad` to the
+    functions of `semijax.pseudo`, whose masks all mean True = keep.
+    """
     raise NotImplementedError
 
 
@@ -55,7 +59,7 @@ class Confidence(Rule):
   def __call__(self, logits, pad, step):
     del step
     probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    return thresholds.confidence_mask(probs, threshold=self.cfg.threshold, pad=pad)
+    return thresholds.confidence_mask(probs, threshold=self.cfg.threshold, valid=~pad)
 
 
 @registry.register_rule
@@ -81,10 +85,8 @@ class EntropyPercentile(Rule):
         start_step=self.config.train.supervised_warmup_steps,
         total_steps=self.config.train.total_steps,
         steps_per_epoch=self.cfg.steps_per_epoch or None)
-    labels, keep = entropy.filtered_pseudo_labels(probs, ~pad, drop_percent=beta)
-    valid = (~pad).astype(jnp.float32)
-    ratio = jnp.sum(keep.astype(jnp.float32)) / jnp.maximum(jnp.sum(valid), 1.0)
-    return labels, keep, {"selected_ratio": ratio, "drop_percent": beta}
+    labels, keep, aux = entropy.filtered_pseudo_labels(probs, ~pad, drop_percent=beta)
+    return labels, keep, {"selected_ratio": aux["selected_ratio"], "drop_percent": beta}
 
 
 @registry.register_rule
@@ -96,15 +98,15 @@ class ClassAware(Rule):
   @classmethod
   def default_config(cls):
     c = ml_collections.ConfigDict()
-    c.ratio = 0.96              # r
+    c.ratio = 0.96              # r (cplg_mask's peak_fraction): tau_j = r * peak of class j
     c.tau_low = 0.92            # tau_low
     c.rule = "official"         # official | max
     return c
 
   def __call__(self, logits, pad, step):
     del step
-    return thresholds.cplg_mask(logits, ratio=self.cfg.ratio, tau_low=self.cfg.tau_low,
-                                rule=self.cfg.rule, pad=pad)
+    return thresholds.cplg_mask(logits, peak_fraction=self.cfg.ratio, tau_low=self.cfg.tau_low,
+                                rule=self.cfg.rule, valid=~pad)
 
 
 def default_config(rule: str) -> ml_collections.ConfigDict:

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from semijax import ops
 from semijax.augment import mix, photometric
 from semijax.methods import base, diagnostics, pseudo_labels
-from semijax.methods import registry
 
 CUTMIX = ("none", "per_image", "per_batch")
 
@@ -153,7 +152,7 @@ class TeacherStudent(base.Method):
       if hidden is None:
         raise ValueError("config.diagnostics.oracle_pseudo_labels needs unlabeled images with "
                          "ground truth (the embedded data, or a folder with unlabeled masks)")
-      labels, mask, _ = diagnostics.oracle_labels(hidden, pad)
+      labels, mask, _ = diagnostics.oracle_labels(hidden, valid=~pad)
     if hidden is not None and self.measure:
       found = diagnostics.pseudo_label_metrics(labels, mask, jnp.where(pad, ops.IGNORE_INDEX,
                                                                        hidden),
@@ -189,7 +188,7 @@ class TeacherStudent(base.Method):
     """
     aux = {}
     if preset != "none":
-      images = photometric.strong_augment(ctx.key(keys[0]), images, preset=preset, pad=pad)
+      images = photometric.strong_augment(ctx.key(keys[0]), images, preset=preset, valid=~pad)
     b, h, w = pad.shape
     if cutmix == "none":
       box = jnp.zeros(pad.shape, bool)

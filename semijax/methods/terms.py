@@ -12,7 +12,7 @@ contrast, or DGCL with DSSN's consistency, is a config switch:
     --config=experiments/configs/mean_teacher.py:split=1/16,terms=dgcl_contrast
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -118,24 +118,25 @@ class DGCLContrast(Term):
     c = ml_collections.ConfigDict()
     c.weight = 0.5                     # lambda_c (paper 1; official effective weight 0.5 / #GPUs)
     c.contra_label_filter = True       # separate entropy filter for contrastive labels (official)
-    c.drop_percent = 80.0              # alpha_0 of that filter: max(alpha_0 (1 - progress), alpha_min)
+    c.drop_percent = 80.0              # alpha_0: drop max(alpha_0 (1 - progress), alpha_min) %
     c.drop_min = 10.0                  # alpha_min
     c.steps_per_epoch = 0              # >0: progress advances per epoch (official)
-    c.projection_dim = 256             # projection head width (Linear-BN-ReLU-Linear on decoder features)
+    c.projection_dim = 256             # projection width (Linear-BN-ReLU-Linear, decoder features)
     c.num_anchors = 200                # N_q lowest-density anchors per class (paper 256)
     c.num_batch_keys = 50              # highest-density positive keys from the batch (paper 256)
     c.num_bank_keys = 50               # highest-density positive keys from the bank (paper 256)
     c.num_negatives = 512              # R- random negatives from other classes of the batch
     c.temperature = 0.5                # tau
     c.ks = (8, 16, 32)                 # multi-scale kNN sizes of the density (eqs. 7-8)
-    c.loss_form = "supcon"             # supcon: positive in the denominator (official) | paper (eq. 13)
-    c.exclude_background = True        # the dataset's background class gets no anchors (official: class 0, also on Cityscapes' road)
+    c.loss_form = "supcon"             # supcon: positive in denominator (official) | paper (eq 13)
+    # The dataset's background class gets no anchors (official: class 0, also Cityscapes' road).
+    c.exclude_background = True
     c.exclude_classes = ()             # further classes never used as anchors
     c.wait_for_full_bank = True        # loss is 0 until every class bank is full (official)
     c.bank_size = 10000                # bank capacity per class
     c.push_per_class = 1000            # pixels pushed per class per step (random subset)
     c.min_bank_size = 1000             # stored density is computed only above this fill (else 0)
-    c.max_per_class = 10000            # candidate pixels per class considered per step (random subset)
+    c.max_per_class = 10000            # candidate pixels per class per step (random subset)
     return c
 
   @classmethod
@@ -175,7 +176,8 @@ class DGCLContrast(Term):
       u_small = ops.resize_nearest(jnp.where(unl["pad"], ops.IGNORE_INDEX, ctx.hidden_labels),
                                    feat_size)
     elif cfg.contra_label_filter:
-      u_small, _ = entropy.filtered_pseudo_labels(t_small_probs, ~pad_small, drop_percent=alpha)
+      u_small, _, _ = entropy.filtered_pseudo_labels(t_small_probs, ~pad_small,
+                                                     drop_percent=alpha)
     else:
       u_small = jnp.where(pad_small, ops.IGNORE_INDEX,
                           jnp.argmax(t_small_probs, -1).astype(jnp.int32))
@@ -188,7 +190,7 @@ class DGCLContrast(Term):
         projections, features, labels, bank, ctx.key("contrastive"),
         num_anchors=cfg.num_anchors, num_batch_keys=cfg.num_batch_keys,
         num_bank_keys=cfg.num_bank_keys, num_negatives=cfg.num_negatives,
-        max_pixels_per_class=cfg.max_per_class, ks=tuple(cfg.ks),
+        max_per_class=cfg.max_per_class, ks=tuple(cfg.ks),
         temperature=cfg.temperature, form=cfg.loss_form,
         exclude_classes=self.excluded_classes(), wait_for_full_bank=cfg.wait_for_full_bank)
     selection = aux.pop("selection", None)
@@ -216,7 +218,7 @@ class DGCLContrast(Term):
     cfg = self.cfg
     bank = dgcl_sampling.push_bank(
         state["bank"], extras["features"], extras["projections"].astype(jnp.float32),
-        extras["labels"], rng, max_per_class=cfg.push_per_class, ks=tuple(cfg.ks),
+        extras["labels"], rng, push_per_class=cfg.push_per_class, ks=tuple(cfg.ks),
         min_bank_size=cfg.min_bank_size)
     # The bank starts filling once the semi-supervised phase starts (official).
     started = step >= self.config.train.supervised_warmup_steps
@@ -331,8 +333,8 @@ class DSSNFeatureLevel(Term):
     clean, fp1, fp2 = jnp.split(base.upsample_logits(decoded, size), 3)
     clean = jax.lax.stop_gradient(clean).astype(jnp.float32)
     labels, mask, aux = pseudo_labels.build(self.config)(clean, pad, ctx.step)
-    l1, _ = consistency.weak_to_strong_loss(fp1, labels, mask, pad)
-    l2, _ = consistency.weak_to_strong_loss(fp2, labels, mask, pad)
+    l1, _ = consistency.weak_to_strong_loss(fp1, labels, mask, valid=~pad)
+    l2, _ = consistency.weak_to_strong_loss(fp2, labels, mask, valid=~pad)
     cl, _ = consistency.logit_consistency_loss(fp1, fp2, form=cfg.form)
     value = cfg.w2s_weight * (l1 + l2) + cfg.consistency_weight * cl
     return value, {"loss_w2s_feature": l1 + l2, "loss_cl_feature": cl,

@@ -12,9 +12,14 @@ from semijax.models.heads import ConvProjection, PixelMLP, RepresentationHead
 from semijax.models.layers import BatchNorm
 from semijax.models.registry import build_model, model_names
 from semijax.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, small_resnet
-from semijax.models.weights import (LoadReport, backbone_state_dict, load_backbone,
-                                    load_torchvision_weights, read_state_dict,
-                                    save_torchvision_safetensors)
+from semijax.models.weights import (
+  LoadReport,
+  backbone_state_dict,
+  load_backbone,
+  load_torchvision_weights,
+  read_state_dict,
+  save_torchvision_safetensors,
+)
 
 __all__ = [
     'ASPP', 'BatchNorm', 'ConvProjection', 'DeepLabV3Plus', 'FCNHead', 'LoadReport',

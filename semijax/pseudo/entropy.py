@@ -131,26 +131,35 @@ def entropy_percentile_mask(probs: jax.typing.ArrayLike, valid: jax.typing.Array
 def filtered_pseudo_labels(probs: jax.typing.ArrayLike, valid: jax.typing.ArrayLike, *,
                            drop_percent: jax.typing.ArrayLike,
                            ignore_index: int = ops.IGNORE_INDEX,
-                           axis_name: Optional[str] = None) -> Tuple[jax.Array, jax.Array]:
+                           axis_name: Optional[str] = None) -> Tuple[jax.Array, jax.Array, dict]:
   """Argmax pseudo-labels (eq. 4) with high-entropy and invalid pixels set to `ignore_index`.
 
-  Serves both DGCL label maps: L_unsup's (full resolution, `dgcl_drop_percent`) and the
-  contrastive one (feature resolution, unlabeled part, `dgcl_contrastive_drop_percent`).
+  A pseudo-label rule like `semijax.pseudo.confidence_mask`: the mask is
+  `entropy_percentile_mask` (eq. 6). Serves both DGCL label maps: L_unsup's (full
+  resolution, `dgcl_drop_percent`) and the contrastive one (feature resolution, unlabeled
+  part, `dgcl_contrastive_drop_percent`).
 
   Args:
     probs: `[B, H, W, C]` teacher probabilities.
-    valid: `[B, H, W]` bool.
+    valid: `[B, H, W]` bool, True on real pixels.
     drop_percent: percent of valid pixels to drop (highest entropy).
     ignore_index: value for dropped pixels.
-    axis_name: mapped axis for a global percentile.
+    axis_name: mapped axis for a global percentile (and global aux values).
 
   Returns:
-    `(labels, keep)`: `[B, H, W]` int32 and `[B, H, W]` bool.
+    `(labels, mask, aux)`: `[B, H, W]` int32 (`ignore_index` where not kept), the kept
+    pixels `[B, H, W]` bool, and aux with `selected_ratio` (kept / valid pixels) and
+    `entropy_threshold` (eta; +inf when nothing is valid).
   """
-  keep = entropy_percentile_mask(probs, valid, drop_percent=drop_percent,
-                                 axis_name=axis_name)
+  probs_f32 = jax.lax.stop_gradient(jnp.asarray(probs, jnp.float32))
+  valid = jnp.asarray(valid, bool)
+  eta = entropy_threshold(probs_f32, valid, drop_percent=drop_percent, axis_name=axis_name)
+  keep = valid & (ops.entropy(probs_f32) < eta)
   labels = jnp.argmax(jnp.asarray(probs), axis=-1).astype(jnp.int32)
-  return jnp.where(keep, labels, ignore_index), keep
+  kept = collectives.global_sum(jnp.sum(keep.astype(jnp.float32)), axis_name)
+  n_valid = collectives.global_sum(jnp.sum(valid.astype(jnp.float32)), axis_name)
+  aux = {"selected_ratio": kept / jnp.maximum(n_valid, 1.0), "entropy_threshold": eta}
+  return jnp.where(keep, labels, ignore_index), keep, aux
 
 
 def dgcl_progress(step: jax.typing.ArrayLike, *, start_step: int, total_steps: int,

@@ -1,7 +1,5 @@
 """Static-shape sample selection: feature density and DGCL's density-guided sampler."""
 
-from semijax.sampling import density, dgcl
-from semijax.sampling import overlap
-from semijax.sampling import semihard
+from semijax.sampling import density, dgcl, overlap, semihard
 
-__all__ = ["density", "dgcl"]
+__all__ = ["density", "dgcl", "overlap", "semihard"]

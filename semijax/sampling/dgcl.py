@@ -16,9 +16,9 @@ classes absent from the batch (or excluded) have no valid slot. Official default
 (paper 256 + 256), 512 negatives, at most 10,000 candidate pixels per class (random subset),
 class 0 excluded, density := 1 for classes with <= max(ks) candidate pixels.
 
-The bank (`init_bank`, `push_bank`) is a `semijax.banks.fifo.ClassBank` with fields
-`feature` (raw encoder features v), `projection` (raw projections z) and `density` (the
-density of the item against its class bank at insertion time, never refreshed, as in the
+The bank (`init_bank`, `push_bank`, `bank_from_entries`) is a `semijax.banks.fifo.ClassBank`
+with fields `feature` (raw encoder features v), `projection` (raw projections z) and `density`
+(the density of the item against its class bank at insertion time, never refreshed, as in the
 official `FeatureMemory`).
 """
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from semijax import collectives, ops
+from semijax import _deprecation, collectives, ops
 from semijax.banks import fifo
 from semijax.sampling import density as density_lib
 
@@ -69,21 +69,42 @@ def init_bank(num_classes: int, capacity: int = 10000, *, feature_dim: int = 256
   })
 
 
+def bank_from_entries(features: jax.typing.ArrayLike, projections: jax.typing.ArrayLike,
+                      densities: jax.typing.ArrayLike,
+                      count: Optional[jax.typing.ArrayLike] = None, *,
+                      ptr: Optional[jax.typing.ArrayLike] = None) -> fifo.ClassBank:
+  """A DGCL bank holding given contents (`fifo.from_entries` with DGCL's three fields).
+
+  Args:
+    features: `[C, K, Dv]` raw encoder features v (dtype kept).
+    projections: `[C, K, D]` raw projections z (dtype kept).
+    densities: `[C, K]` stored densities (float32), e.g. 1 for "already dense".
+    count: `[C]` int items per class in `[0, K]` (default K: full, the loss then runs).
+    ptr: `[C]` int next slot to write (default `count % K`).
+
+  Returns:
+    `ClassBank` with fields `feature`, `projection`, `density`, as `init_bank` builds.
+  """
+  return fifo.from_entries({FEATURE: features, PROJECTION: projections,
+                            DENSITY: jnp.asarray(densities, jnp.float32)}, count, ptr=ptr)
+
+
 def _flatten(x, trailing):
   x = jnp.asarray(x)
   return x.reshape((-1,) + x.shape[x.ndim - trailing:]) if trailing else x.reshape(-1)
 
 
+@_deprecation.renamed_args({"max_per_class": "push_per_class"})
 def push_bank(bank: fifo.ClassBank, features: jax.typing.ArrayLike,
               projections: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-              rng: jax.Array, *, max_per_class: int = 1000,
+              rng: jax.Array, *, push_per_class: int = 1000,
               ks: Sequence[int] = density_lib.DEFAULT_KS, min_bank_size: int = 1000,
               ignore_index: int = ops.IGNORE_INDEX, chunk_size: int = density_lib.DEFAULT_CHUNK,
               compute_dtype: Optional[jnp.dtype] = None,
               axis_name: Optional[str] = None) -> fifo.ClassBank:
   """DGCL's bank update (official `FeatureMemory.update`).
 
-  For every class c (background included), at most `max_per_class` pixels labelled c are
+  For every class c (background included), at most `push_per_class` pixels labelled c are
   chosen uniformly at random without replacement from the global batch; their density
   against the *current* class-c bank is computed if that bank holds more than
   `min_bank_size` items (else 0), and (feature, projection, density) are written FIFO.
@@ -96,9 +117,10 @@ def push_bank(bank: fifo.ClassBank, features: jax.typing.ArrayLike,
     projections: `[..., D]` raw projections, same leading shape, no gradient.
     labels: `[...]` int contrastive labels (ignore_index = skip).
     rng: PRNG key.
-    max_per_class: official 1000.
+    push_per_class: pixels pushed per class (official 1000; deprecated alias: `max_per_class`).
     ks: density neighbourhoods.
-    min_bank_size: density is computed only when the bank holds more (official 1000).
+    min_bank_size: the stored density is computed only when the class's bank holds more items
+      than this (official 1000), else it is 0.
     ignore_index: label to skip.
     chunk_size, compute_dtype: as `density.knn_density`.
     axis_name: mapped axis; gathers the batch and shares device 0's key (banks identical).
@@ -113,11 +135,11 @@ def push_bank(bank: fifo.ClassBank, features: jax.typing.ArrayLike,
   projs = collectives.all_gather(projs, axis_name, differentiable=False)
   labels = collectives.all_gather(labels, axis_name, differentiable=False)
   rng = collectives.same_rng(rng, axis_name)
-  if max_per_class > bank.capacity:
-    raise ValueError(f"max_per_class={max_per_class} exceeds capacity={bank.capacity}")
+  if push_per_class > bank.capacity:
+    raise ValueError(f"push_per_class={push_per_class} exceeds capacity={bank.capacity}")
   idx, valid = fifo.select_per_class(labels, labels != ignore_index, rng,
                                      num_classes=bank.num_classes,
-                                     max_per_class=max_per_class)
+                                     max_per_class=push_per_class)
   # Density only where it is stored: the class's bank holds more than `min_bank_size`.
   dens = density_lib.class_density(feats, valid & (bank.count > min_bank_size)[:, None], bank,
                                    query_index=idx, field=FEATURE, ks=ks,
@@ -192,10 +214,11 @@ def _masked_stats(x, mask):
   return jnp.sum(jnp.where(mask > 0, x, 0.0)) / jnp.maximum(n, 1.0)
 
 
+@_deprecation.renamed_args({"max_pixels_per_class": "max_per_class"})
 def sample(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
            bank: fifo.ClassBank, rng: jax.Array, *, num_anchors: int = 200,
            num_batch_keys: int = 50, num_bank_keys: int = 50, num_negatives: int = 512,
-           max_pixels_per_class: Optional[int] = 10000,
+           max_per_class: Optional[int] = 10000,
            ks: Sequence[int] = density_lib.DEFAULT_KS,
            exclude_classes: Sequence[int] = (0,),
            small_class_density: Optional[float] = 1.0,
@@ -210,9 +233,9 @@ def sample(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   ordered by device.
 
   Per class c (labels in `[0, C)`, not in `exclude_classes`):
-    1. candidates: the pixels labelled c, or a uniform random subset of
-       `max_pixels_per_class` of them (official 10,000; None = all of them, at the cost of
-       `[C, N]` index and density arrays);
+    1. candidates: the pixels labelled c, or a uniform random subset of `max_per_class` of
+       them (official 10,000; None = all of them, at the cost of `[C, N]` index and density
+       arrays);
     2. their density against bank c (eqs. 7-8); if `small_class_density` is not None and a
        class has at most max(ks) candidates, all its densities are set to that value
        (official rule, value 1; ties then fall in the candidates' random order, which only
@@ -234,7 +257,8 @@ def sample(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
     num_batch_keys: half of N_r^+ from the batch (official 50, paper 256).
     num_bank_keys: half of N_r^+ from the bank (official 50, paper 256).
     num_negatives: N_r^- (512).
-    max_pixels_per_class: candidate cap per class (official 10,000).
+    max_per_class: candidate pixels considered per class (official 10,000; deprecated
+      alias: `max_pixels_per_class`).
     ks: density neighbourhoods (8, 16, 32).
     exclude_classes: classes that get no anchors, keys or loss term; their pixels still
       serve as negatives (official: class 0, unconditionally, even Cityscapes' road).
@@ -257,7 +281,7 @@ def sample(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   rng_sub, rng_neg = jax.random.split(rng)
   in_range = (labels != ignore_index) & (labels >= 0) & (labels < c)
 
-  m = n if max_pixels_per_class is None else min(int(max_pixels_per_class), n)
+  m = n if max_per_class is None else min(int(max_per_class), n)
   cand_idx, cand_valid = fifo.select_per_class(labels, in_range, rng_sub, num_classes=c,
                                                max_per_class=m)  # [C, M]
   n_cand = jnp.sum(cand_valid, axis=1)

@@ -18,6 +18,8 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from semijax import _deprecation
+
 PyTree = Any
 
 
@@ -44,18 +46,32 @@ def feature_offsets(boxes: jax.typing.ArrayLike, stride: int) -> jax.Array:
   return (boxes[:, 1, :2] - boxes[:, 0, :2]) // stride
 
 
-def block_valid(pad: jax.typing.ArrayLike, stride: int) -> jax.Array:
-  """`[B, H, W]` padding -> `[B, H/s, W/s]` True where an s x s block holds no padding.
+def valid_blocks(valid: jax.typing.ArrayLike, stride: int) -> jax.Array:
+  """`[B, H, W]` pixel validity -> `[B, H/s, W/s]`, True where a whole s x s block is valid.
 
   The official CAC bounds the overlap by the image's extent rounded down to the stride, i.e.
-  keeps exactly the feature pixels whose whole block is image.
+  keeps exactly the feature pixels whose whole block is image (no padding).
+
+  Args:
+    valid: `[B, H, W]` bool, True on real pixels (e.g. `~record["pad"]`).
+    stride: the feature stride s (H and W must be multiples of it).
+
+  Returns:
+    `[B, H/s, W/s]` bool.
   """
-  pad = jnp.asarray(pad, bool)
-  b, h, w = pad.shape
+  valid = jnp.asarray(valid, bool)
+  b, h, w = valid.shape
   if h % stride or w % stride:
-    raise ValueError(f"pad of {h}x{w} pixels is not a multiple of stride {stride}")
-  blocks = pad.reshape(b, h // stride, stride, w // stride, stride)
-  return ~jnp.any(blocks, axis=(2, 4))
+    raise ValueError(f"mask of {h}x{w} pixels is not a multiple of stride {stride}")
+  blocks = valid.reshape(b, h // stride, stride, w // stride, stride)
+  return jnp.all(blocks, axis=(2, 4))
+
+
+def block_valid(pad: jax.typing.ArrayLike, stride: int) -> jax.Array:
+  """Deprecated (True-means-drop argument): `valid_blocks(~pad, stride)`."""
+  _deprecation.warn("semijax.sampling.overlap.block_valid(pad, stride) is deprecated and will "
+                    "be removed in the next release; use valid_blocks(~pad, stride)")
+  return valid_blocks(_deprecation.invert_mask(pad), stride)
 
 
 def align_to_first(x2: jax.typing.ArrayLike, offsets: jax.typing.ArrayLike,
@@ -103,7 +119,7 @@ def pair_views(view1: PyTree, view2: PyTree, boxes: jax.typing.ArrayLike,
     flips: `[B, 2]` bool (`PairCrops`' `pair_flips`).
     stride: feature stride of the maps (crop side / h).
     valid1, valid2: optional `[B, h, w]` bool masks in each view's own (flipped) layout, e.g.
-      `block_valid(pad, stride)`.
+      `valid_blocks(~pad, stride)`.
 
   Returns:
     `(view1', view2', pair_valid)`: `view1'` unflipped, `view2'` unflipped and aligned so that

@@ -13,8 +13,9 @@ Semantic Segmentation", Sec. III-B) samples its queries "following [4]" (Contras
   short (fewer than V_c / 2), all of it is taken and the other kind fills the rest;
 * within each kind the pixels are a uniform random subset (`torch.randperm`).
 
-Static shapes: the result is `[B, C, Vmax]` pixel indices with a validity mask (hard slots
-first, then easy), from one sort per image of `(class, easy, random bits)`. Randomness is per
+Static shapes: `sample` returns `(SemiHardSelection, aux)`, `[B, C, Vmax]` pixel indices with a
+validity mask (hard slots first, then easy), from one sort per image of `(class, easy, random
+bits)`. Randomness is per
 image, from `fold_in(rng, image_id)`, so a shard of the batch draws exactly what the global
 batch would for its images (pass the global `image_ids` inside `pmap`/`shard_map`).
 """
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from semijax import ops
+from semijax import _deprecation, ops
 
 # The CSC candidate code's weak-class lists (`get_contra_loss`).
 VOC_WEAK_CLASSES = (2, 4, 5, 9, 11, 16, 18, 20)
@@ -64,11 +65,10 @@ def views_per_class(num_classes: int, *, num_views: int = 16, num_views_weak: in
                for c in range(num_classes))
 
 
-def semi_hard_anchors(labels: jax.typing.ArrayLike, predictions: jax.typing.ArrayLike,
-                      rng: jax.Array, *, views: Sequence[int],
-                      valid: Optional[jax.typing.ArrayLike] = None,
-                      image_ids: Optional[jax.typing.ArrayLike] = None,
-                      ignore_index: int = ops.IGNORE_INDEX) -> SemiHardSelection:
+def sample(labels: jax.typing.ArrayLike, predictions: jax.typing.ArrayLike, rng: jax.Array, *,
+           views: Sequence[int], valid: Optional[jax.typing.ArrayLike] = None,
+           image_ids: Optional[jax.typing.ArrayLike] = None,
+           ignore_index: int = ops.IGNORE_INDEX) -> Tuple[SemiHardSelection, dict]:
   """Semi-hard anchors: V_c pixels per image and class, half hard and half easy.
 
   Args:
@@ -84,8 +84,10 @@ def semi_hard_anchors(labels: jax.typing.ArrayLike, predictions: jax.typing.Arra
     ignore_index: label never drawn.
 
   Returns:
-    `SemiHardSelection` with `V = max(views)`. A class with at most V_c pixels in an image
-    has no valid slot there (official rule).
+    `(selection, aux)`: a `SemiHardSelection` with `V = max(views)` (a class with at most V_c
+    pixels in an image has no valid slot there, the official rule) and a flat dict of scalars:
+    `num_anchors` (valid slots), `hard_ratio` (hard / valid slots) and `image_classes` (image
+    and class pairs with anchors).
   """
   labels = jnp.asarray(labels, jnp.int32)
   predictions = jnp.asarray(predictions, jnp.int32)
@@ -123,4 +125,23 @@ def semi_hard_anchors(labels: jax.typing.ArrayLike, predictions: jax.typing.Arra
   pos = jnp.clip(jnp.where(sel_valid, pos, 0), 0, n - 1)
   index = jnp.take_along_axis(perm, pos.reshape(b, c * vmax), axis=1).reshape(b, c, vmax)
   index = jnp.where(sel_valid, index, 0)
-  return SemiHardSelection(index=index, valid=sel_valid, hard=is_hard & sel_valid)
+  selection = SemiHardSelection(index=index, valid=sel_valid, hard=is_hard & sel_valid)
+  num = jnp.sum(sel_valid, dtype=jnp.float32)
+  aux = {"num_anchors": num,
+         "hard_ratio": jnp.sum(selection.hard, dtype=jnp.float32) / jnp.maximum(num, 1.0),
+         "image_classes": jnp.sum(jnp.any(sel_valid, axis=-1), dtype=jnp.float32)}
+  return selection, aux
+
+
+def semi_hard_anchors(labels: jax.typing.ArrayLike, predictions: jax.typing.ArrayLike,
+                      rng: jax.Array, *, views: Sequence[int],
+                      valid: Optional[jax.typing.ArrayLike] = None,
+                      image_ids: Optional[jax.typing.ArrayLike] = None,
+                      ignore_index: int = ops.IGNORE_INDEX) -> SemiHardSelection:
+  """Deprecated: `sample(...)[0]` (samplers return `(selection, aux)`)."""
+  _deprecation.warn("semijax.sampling.semihard.semi_hard_anchors is deprecated and will be "
+                    "removed in the next release; use semihard.sample, which returns "
+                    "(selection, aux)")
+  selection, _ = sample(labels, predictions, rng, views=views, valid=valid,
+                        image_ids=image_ids, ignore_index=ignore_index)
+  return selection

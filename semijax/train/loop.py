@@ -30,18 +30,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semijax import checkpoint, parallel
+from semijax import checkpoint, extras, parallel
 from semijax.data import pipeline, transforms
 from semijax.data.sources import DataError
 from semijax.eval import visualize
 from semijax.methods import diagnostics
-from semijax.train import config_checks, step as step_lib, summary, writer as writer_lib
-from semijax.train import run as run_lib
+from semijax.train import (
+  config_checks,
+  run as run_lib,
+  step as step_lib,
+  summary,
+  writer as writer_lib,
+)
+
 # The pieces callers reach through this module (the trainer's public surface).
 from semijax.train.config_checks import ConfigError, check_config  # noqa: F401
 from semijax.train.preemption import Preemption
-from semijax.train.run import (Run, build_model, init_train_state, make_optimizer,  # noqa: F401
-                               prepare)
+from semijax.train.run import (
+  Run,
+  build_model as build_model,
+  init_train_state as init_train_state,
+  make_optimizer as make_optimizer,
+  prepare,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,7 +62,7 @@ class NonFiniteLossError(FloatingPointError):
 # The errors a user fixes (bad input, full disk, diverged run), as opposed to bugs:
 # the train command prints their message without a traceback.
 USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointMismatchError,
-               checkpoint.CheckpointSaveError, NonFiniteLossError)
+               checkpoint.CheckpointSaveError, NonFiniteLossError, extras.MissingExtraError)
 
 
 # ------------------------------------------------------------------------------------------
@@ -475,7 +486,7 @@ def check(config, workdir: str, *, reference=None) -> Dict[str, Any]:
   print(f"[semijax] {run.describe()}", flush=True)
   for w in config_checks.recipe_warnings(config, run.mesh):
     print(f"[semijax] WARNING: {w}", flush=True)
-  print(f"[semijax] check passed ({'resumes at step %d' % resume if resume else 'fresh run'})",
+  print(f"[semijax] check passed ({f'resumes at step {resume}' if resume else 'fresh run'})",
         flush=True)
   return {"num_params": n, "resume_step": resume, "data": run.data.description,
           "records_checked": checked}

@@ -19,8 +19,7 @@ from semijax.data import datasets, pipeline, validation
 from semijax.eval import inference
 from semijax.methods import base as method_base
 from semijax.models import registry as model_registry
-from semijax.train import schedules, step as step_lib
-from semijax.train import state as state_lib
+from semijax.train import schedules, state as state_lib, step as step_lib
 from semijax.train.config_checks import ConfigError, as_config_error, check_config
 
 

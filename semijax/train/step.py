@@ -1,6 +1,6 @@
 """The jitted train step, composed from pure pieces.
 
-Order of operations (STYLE.md): student/teacher forwards and losses (the method), gradient,
+Order of operations: student/teacher forwards and losses (the method), gradient,
 optimizer update, EMA teacher update with the scheduled keep-rate, method state update
 (bank pushes see the features of this step, after the loss has read the old bank).
 Randomness is `fold_in(key(seed), step)`: nothing hidden, so a resumed run repeats exactly.
@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from semijax.methods import base
-from semijax.train import schedules
-from semijax.train import state as state_lib
+from semijax.train import schedules, state as state_lib
 
 Batch = Dict[str, Dict[str, jax.Array]]
 

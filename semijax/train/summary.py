@@ -19,6 +19,8 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from semijax import extras
+
 PREFIX = "[semijax] "
 BEST_KEY = "val_teacher/miou"   # what the trainer logs to metrics.jsonl at each evaluation
 
@@ -109,7 +111,10 @@ def format_run_summary(results: Dict[str, Any], workdir: str) -> str:
                  f"{', '.join(map(str, steps))}{pick})")
   logdir = r.get("tensorboard") or os.path.join(workdir, "tensorboard")
   board = f"tensorboard --logdir {shown(logdir)}"
-  if importlib.util.find_spec("tensorboard") is None:
+  if not os.path.isdir(logdir) and importlib.util.find_spec("tensorboardX") is None:
+    board = ("no TensorBoard event files (tensorboardX missing: "
+             f"{extras.install_hint('tensorboard')})")
+  elif importlib.util.find_spec("tensorboard") is None:
     board += " (install: pip install -e '.[tensorboard]' or make tensorboard)"
   lines.append(f"logs:        {shown(os.path.join(workdir, 'metrics.jsonl'))}; {board}")
   run = shown(workdir)

@@ -89,7 +89,7 @@ def test_brightness_contrast_saturation_match_numpy_and_respect_pad():
   f = np.array([0.3, 1.0, 1.6], np.float32)
   x64 = x.astype(np.float64)
   got_b = np.asarray(P.adjust_brightness(x, f))
-  got_c = np.asarray(P.adjust_contrast(x, f, pad=pad))
+  got_c = np.asarray(P.adjust_contrast(x, f, valid=~pad))
   got_s = np.asarray(P.adjust_saturation(x, f))
   for i in range(B):
     np.testing.assert_allclose(got_b[i], np_brightness(x64[i], f[i]), atol=1e-6)
@@ -98,7 +98,7 @@ def test_brightness_contrast_saturation_match_numpy_and_respect_pad():
     np.testing.assert_allclose(got_s[i], np_saturation(x64[i], f[i]), atol=1e-6)
   # Padded pixels neither change nor count in the mean.
   x_other = np.where(pad[..., None], 0.0, x).astype(np.float32)
-  got_other = np.asarray(P.adjust_contrast(x_other, f, pad=pad))
+  got_other = np.asarray(P.adjust_contrast(x_other, f, valid=~pad))
   np.testing.assert_array_equal(got_other[~pad], got_c[~pad])
   np.testing.assert_array_equal(got_other[pad], 0.0)
 
@@ -134,7 +134,7 @@ def test_color_jitter_applies_ops_in_per_image_order():
   x, pad = _images(4), _pad()
   key = jax.random.key(5)
   strengths = dict(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)
-  jitter = _jit_once(lambda k, x, m: (P.color_jitter(k, x, p=0.7, pad=m, **strengths),
+  jitter = _jit_once(lambda k, x, m: (P.color_jitter(k, x, p=0.7, valid=~m, **strengths),
                                        P.color_jitter_params(k, B, p=0.7, **strengths)))
   jitter(jax.random.key(0), x + 0.0, ~pad)
   got, params = jitter(key, x, pad)
@@ -220,7 +220,7 @@ def test_gaussian_blur_uses_its_params():
   x, pad = _images(10, batch=8), np.zeros((8, H, W), bool)
   pad[:, 0, :] = True
   key = jax.random.key(11)
-  blur = _jit_once(lambda k, x, m: (P.gaussian_blur(k, x, p=0.5, pad=m),
+  blur = _jit_once(lambda k, x, m: (P.gaussian_blur(k, x, p=0.5, valid=~m),
                                      P.gaussian_blur_params(k, 8, p=0.5)))
   blur(jax.random.key(0), x + 0.0, ~pad)
   got, (apply, sigma) = blur(key, x, pad)
@@ -292,7 +292,7 @@ def test_apply_dssn_op_dispatches_every_op(pil_case_outputs):
   for i, name in enumerate(P.DSSN_OPS):
     got = np.asarray(_apply_op(x, full(i, jnp.int32), enhance=full(enhance.get(name, 0.5)),
                                sigma=full(1.37), bits=full(5, jnp.int32),
-                               threshold=full(100 / 255), hue=full(-0.2), pad=pad))
+                               threshold=full(100 / 255), hue=full(-0.2), valid=~pad))
     for b in range(_NB):
       if name in pil_name:
         want = ours[pil_name[name]][b]
@@ -342,9 +342,9 @@ _strong = jax.jit(chex.assert_max_traces(P.strong_augment, n=len(P.PRESETS)),
 @pytest.mark.parametrize("preset", P.PRESETS)
 def test_strong_augment_keeps_padding_reproduces_and_does_not_retrace(preset):
   x, pad = _strong_inputs()
-  a = np.asarray(_strong(jax.random.key(1), x, preset=preset, pad=pad))
-  b = np.asarray(_strong(jax.random.key(1), x, preset=preset, pad=pad))
-  c = np.asarray(_strong(jax.random.key(2), x + 0.0, preset=preset, pad=~(~pad)))
+  a = np.asarray(_strong(jax.random.key(1), x, preset=preset, valid=~pad))
+  b = np.asarray(_strong(jax.random.key(1), x, preset=preset, valid=~pad))
+  c = np.asarray(_strong(jax.random.key(2), x + 0.0, preset=preset, valid=~pad))
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a[pad], x[pad])
   assert a.dtype == np.float32 and a.min() >= 0.0 and a.max() <= 1.0
@@ -361,7 +361,7 @@ def test_random_photometric_ops_runs_the_active_slots_in_order():
   # Replay `dssn_ops_params` slot by slot with the (separately checked) single-op dispatch.
   x, pad = _strong_inputs()
   key = jax.random.key(16)
-  ops = _jit_once(lambda k, x, m: (P.random_photometric_ops(k, x, pad=m),
+  ops = _jit_once(lambda k, x, m: (P.random_photometric_ops(k, x, valid=~m),
                                     P.dssn_ops_params(k, _NB)))
   ops(jax.random.key(0), x + 0.0, ~pad)
   got, prm = ops(key, x, pad)
@@ -371,7 +371,7 @@ def test_random_photometric_ops_runs_the_active_slots_in_order():
   for slot in range(3):
     stepped = _apply_op(want, prm["op"][slot], enhance=prm["enhance"][slot],
                         sigma=prm["sigma"][slot], bits=prm["bits"][slot],
-                        threshold=prm["threshold"][slot], hue=prm["hue"][slot], pad=pad)
+                        threshold=prm["threshold"][slot], hue=prm["hue"][slot], valid=~pad)
     want = np.where(np.asarray(prm["active"][slot])[:, None, None, None], stepped, want)
   np.testing.assert_allclose(got, want, atol=1e-6)
   np.testing.assert_array_equal(got[pad], x[pad])
@@ -389,9 +389,9 @@ def test_strong_augment_equals_the_batched_implementation(preset, with_pad):
   # key (up to float32 rounding: XLA fuses the ops differently in the two programs).
   from experiments.benchmarks import legacy  # pylint: disable=g-import-not-at-top
   x, pad = _strong_inputs()
-  m = pad if with_pad else None
-  new = jax.jit(lambda k, x, m: P.strong_augment(k, x, preset=preset, pad=m))
-  old = jax.jit(lambda k, x, m: legacy.strong_augment(k, x, preset=preset, pad=m))
+  m = ~pad if with_pad else None
+  new = jax.jit(lambda k, x, m: P.strong_augment(k, x, preset=preset, valid=m))
+  old = jax.jit(lambda k, x, m: legacy.strong_augment(k, x, preset=preset, valid=m))
   for seed in range(3):
     a = np.asarray(new(jax.random.key(seed), x, m))
     b = np.asarray(old(jax.random.key(seed), x, m))
@@ -405,7 +405,7 @@ def test_only_the_drawn_op_is_computed():
   # batched version computed all eleven DSSN ops (and all four jitter ops) per slot.
   from jax.extend import core as jex  # pylint: disable=g-import-not-at-top
   x, pad = _strong_inputs()
-  jaxpr = jax.make_jaxpr(lambda k, x, m: P.strong_augment(k, x, preset="dssn", pad=m))(
+  jaxpr = jax.make_jaxpr(lambda k, x, m: P.strong_augment(k, x, preset="dssn", valid=~m))(
       jax.random.key(0), x, pad).jaxpr
 
   def walk(jaxpr, inside_map=False):

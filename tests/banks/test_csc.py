@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from semijax.banks import csc as csc_bank
-from semijax.banks import fifo
+from semijax.banks import csc as csc_bank, fifo
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

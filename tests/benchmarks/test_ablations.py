@@ -3,9 +3,9 @@ writes the README block; no training (every run directory already holds its resu
 
 import json
 
+import pytest
 from absl import flags
 from absl.testing import flagsaver
-import pytest
 
 from experiments.benchmarks import ablations
 
@@ -43,7 +43,8 @@ def test_report_from_finished_runs(tmp_path):
                    ("dssn_threshold", "reference"), ("dssn_threshold", "dssn_conf092")]
   text = readme.read_text()
   assert text.startswith("intro\n<!-- ablations:begin -->\n| group |") and text.endswith("rest\n")
-  assert "| dgcl | dgcl_nocontra | `dgcl.contra_weight=0.0` | 47.5 | -2.5 | 35.0 | 60.0 | 70.0 |" in text
+  assert ("| dgcl | dgcl_nocontra | `dgcl_contrast.weight=0.0` | 47.5 | -2.5 | 35.0 | 60.0 | 70.0 |"
+          in text)
   assert "| dssn_threshold | dssn_conf092 |" in text and "| 53.0 | +1.0 | 20.0 |" in text
 
 

@@ -48,7 +48,7 @@ def test_tiny_preset_runs_every_method_and_imports_no_data_stack(tmp_path):
   # A fresh process, as on the GPU machine (which has no grain, TensorFlow Datasets or
   # tensorboardX): the whole voc_r101 code path at tiny sizes.
   out = tmp_path / "accelerator.json"
-  cache = jax.config.read("jax_compilation_cache_dir") or ""
+  cache = jax.config.jax_compilation_cache_dir or ""
   subprocess.run([sys.executable, "-m", "experiments.benchmarks.accelerator", "--preset=tiny",
                   f"--out={out}", f"--jax_cache_dir={cache}"], cwd=ROOT, check=True,
                  timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -2,12 +2,10 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from experiments.benchmarks import dgcl_overhead
-
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

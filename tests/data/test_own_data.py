@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from experiments import prepare_data
-from semijax.data import (cityscapes, datasets, embedded, example_folder, folder, image_io, real,
-                          validation, voc)
+from semijax.data import (
+  cityscapes,
+  datasets,
+  embedded,
+  example_folder,
+  folder,
+  image_io,
+  validation,
+  voc,
+)
 from semijax.data.sources import DataError, DatasetInfo, LabelValueError
 
 from . import fixtures
@@ -55,7 +63,7 @@ def test_background_class_comes_from_metadata(textures):
   _meta(textures, background_class="checks")      # a name ...
   assert folder.FolderDataset(textures).info.background_class == 1
   _meta(textures, background_class=2)             # ... or an id
-  data = real.build(data_cfg(textures))
+  data = datasets.build(data_cfg(textures))
   assert data.info.background_class == 2 and data.background_class == 2
   assert data.ignore_index == 255
   for bad in (3, "sky", True, 1.5):
@@ -125,21 +133,21 @@ def test_val_list_combines_with_a_label_fraction(textures):
 
 
 def test_config_splits_for_a_folder(textures):
-  data = real.build(data_cfg(textures, split="1/8"))
+  data = datasets.build(data_cfg(textures, split="1/8"))
   assert len(data.labeled) == 2 and len(data.val) == 6
   assert "6 val (splits.val)" in data.description and "background class: none" in data.description
   with pytest.raises(DataError, match="no \"splits\": {\"labeled\": \\[...\\]} list"):
-    real.build(data_cfg(textures, split="explicit"))
+    datasets.build(data_cfg(textures, split="explicit"))
   _meta(textures, splits=None)
   with pytest.raises(DataError, match=r"no validation images; list them in .*splits.*val_fraction"):
-    real.build(data_cfg(textures))
-  assert len(real.build(data_cfg(textures, val_fraction=0.25)).val) == 6
+    datasets.build(data_cfg(textures))
+  assert len(datasets.build(data_cfg(textures, val_fraction=0.25)).val) == 6
   with pytest.raises(DataError, match=r"split='1/0'; expected a fraction like 1/16"):
-    real.build(data_cfg(textures, split="1/0", val_fraction=0.25))
+    datasets.build(data_cfg(textures, split="1/0", val_fraction=0.25))
   _meta(textures, splits={"labeled": ["tex_0001"], "val": ["tex_0002"]})
-  assert real.build(data_cfg(textures, split="explicit")).labeled.ids == ("tex_0001",)
+  assert datasets.build(data_cfg(textures, split="explicit")).labeled.ids == ("tex_0001",)
   with pytest.raises(DataError, match="lists splits.labeled"):
-    real.build(data_cfg(textures, split="1/8"))
+    datasets.build(data_cfg(textures, split="1/8"))
   for bad, message in (({}, "splits must be an object"), ({"unlabeled": ["tex_0001"]},
                                                           "splits.unlabeled needs splits.labeled"),
                        ({"val": []}, "splits.val is empty"), ({"train": []}, "unknown splits")):

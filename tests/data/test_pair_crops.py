@@ -89,7 +89,7 @@ def test_padding_and_hidden_and_extra_fields_travel_with_the_crops():
       np.testing.assert_array_equal(unflip(out[weak_key])[:20], weak[:, left:left + crop])
       np.testing.assert_array_equal(out["label"], 255)
     # Blocks touching padding never pair.
-    valid = overlap.block_valid(jnp.stack([jnp.asarray(out["pad"])]), stride)
+    valid = overlap.valid_blocks(~jnp.stack([jnp.asarray(out["pad"])]), stride)
     assert not np.asarray(valid)[0, 5:].any() and np.asarray(valid)[0, :5].all()
 
 

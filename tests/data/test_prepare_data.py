@@ -120,7 +120,7 @@ def test_partial_folder_against_the_shipped_lists_names_a_few_and_counts(tmp_pat
   d = fixtures.make_voc(str(tmp_path))  # 8 images, not the 12031 the shipped lists need
   status, out = run("voc", "--root", d["root"], "--max-listed", "3")
   assert status == 1
-  line = next(l for l in out.splitlines() if "train images missing" in l)
+  line = next(ln for ln in out.splitlines() if "train images missing" in ln)
   # the fixture's 6 train images are real train_aug ids
   assert line.startswith("!! 10576 train images missing: ") and "... and 10573 more" in line
   assert "classic/732: 732 labeled, 9850 unlabeled: " in out

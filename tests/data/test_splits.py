@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from semijax.data import splits
+from semijax.data import cityscapes, splits, voc
 from semijax.data.sources import DataError
 
 from . import fixtures
@@ -127,20 +127,21 @@ def test_overlap_and_coverage_are_checked(tmp_path):
   with pytest.raises(DataError, match=r"1 ids are not in the train set: 2012_999999"):
     splits.load_split_files(str(labeled), str(unlabeled), dataset="voc", train=train)
   unlabeled.write_text("\n".join(train[2:]))
-  spec = splits.load_split_files(str(labeled), str(unlabeled), dataset="voc", train=train,
-                                 root=d["root"])
+  spec = splits.load_split_files(str(labeled), str(unlabeled), dataset="voc", train=train)
+  voc.check_split_files(spec, d["root"])
   assert spec.num_labeled == 2 and spec.num_unlabeled == 4
 
 
 def test_split_checked_against_a_root_names_missing_files(tmp_path):
   d = fixtures.make_voc(str(tmp_path))
-  spec = splits.load_split("voc", "classic", "1464", directory=d["splits_dir"], root=d["root"])
+  spec = splits.load_split("voc", "classic", "1464", directory=d["splits_dir"])
+  voc.check_split_files(spec, d["root"])
   assert spec.labeled_ids == fixtures.VOC_FINE_TRAIN
   os.remove(os.path.join(d["root"], "JPEGImages", "2008_000003.jpg"))
   os.remove(os.path.join(d["root"], "SegmentationClass", "2007_000039.png"))
   os.remove(os.path.join(d["root"], "SegmentationClassAug", "2007_000039.png"))
   with pytest.raises(DataError) as e:
-    splits.load_split("voc", "classic", "1464", directory=d["splits_dir"], root=d["root"])
+    voc.check_split_files(spec, d["root"])
   message = str(e.value)
   assert "2 files not found" in message
   assert "2007_000039.png" in message and "2008_000003.jpg" in message
@@ -150,7 +151,8 @@ def test_split_checked_against_a_root_names_missing_files(tmp_path):
 def test_split_against_root_cityscapes(tmp_path):
   d = fixtures.make_cityscapes(str(tmp_path), train_ids=False)
   with pytest.raises(DataError, match=r"labelTrainIds\.png.*prepare_data cityscapes"):
-    splits.load_split("cityscapes", "cps", "1_2", directory=d["splits_dir"], root=d["root"])
+    cityscapes.check_split_files(
+        splits.load_split("cityscapes", "cps", "1_2", directory=d["splits_dir"]), d["root"])
   spec = splits.load_split("cityscapes", "unimatch", "1_30", directory=d["splits_dir"])
   assert spec.labeled_ids == fixtures.CITY_TRAIN[:1]
 

@@ -86,8 +86,8 @@ def test_bad_label_values_corrupt_files_and_size_mismatch_name_the_file(voc_data
   image_io.write_label(os.path.join(root, "SegmentationClass", "2007_000032.png"), bad,
                        voc.voc_palette())
   src = voc.source(root, ["2007_000032", "2007_000039", "2008_000008"])
-  with pytest.raises(DataError, match=r"2007_000032\.png: label values \[21\] outside the class ids "
-                     r"0\.\.20 and the ignore value 255"):
+  with pytest.raises(DataError, match=r"2007_000032\.png: label values \[21\] outside the class "
+                     r"ids 0\.\.20 and the ignore value 255"):
     src[0]
   fixtures.corrupt(os.path.join(root, "JPEGImages", "2007_000039.jpg"), keep=200)
   with pytest.raises(DataError, match=r"2007_000039\.jpg: cannot decode"):

@@ -80,7 +80,7 @@ def test_confusion_matrix_jit_does_not_retrace():
 def test_pmap_axis_name_gives_global_matrix():
   preds, labels = _random_batch(4, shape=(16, 5, 4))
   valid = np.arange(16) < 13  # A padded final batch.
-  out = jax.pmap(lambda p, l, v: metrics.confusion_matrix(p, l, C, valid=v, axis_name="d"),
+  out = jax.pmap(lambda p, y, v: metrics.confusion_matrix(p, y, C, valid=v, axis_name="d"),
                  axis_name="d")(preds.reshape(8, 2, 5, 4), labels.reshape(8, 2, 5, 4),
                                 valid.reshape(8, 2))
   ref = _reference_cm(preds, labels, C, np.broadcast_to(valid[:, None, None], labels.shape))
@@ -90,7 +90,7 @@ def test_pmap_axis_name_gives_global_matrix():
 def test_jit_over_sharded_batch(mesh8):
   preds, labels = _random_batch(5, shape=(16, 5, 4))
   sharding = NamedSharding(mesh8, P("data"))
-  out = jax.jit(lambda p, l: metrics.confusion_matrix(p, l, C))(
+  out = jax.jit(lambda p, y: metrics.confusion_matrix(p, y, C))(
       jax.device_put(preds, sharding), jax.device_put(labels, sharding))
   np.testing.assert_array_equal(out, _reference_cm(preds, labels, C))
 

@@ -121,8 +121,8 @@ def test_weak_to_strong_loss_matches_official_normalisation():
   mask, pad = _mask(14), np.zeros((B, H, W), bool)
   pad[:, 2:, :] = True
   w2s = jax.jit(chex.assert_max_traces(C.weak_to_strong_loss, n=1))
-  w2s(logits + 1.0, labels, ~mask, pad)
-  loss, aux = w2s(logits, labels, mask, pad)
+  w2s(logits + 1.0, labels, ~mask, valid=~pad)
+  loss, aux = w2s(logits, labels, mask, valid=~pad)
   z = logits.astype(np.float64)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
   nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
@@ -130,5 +130,5 @@ def test_weak_to_strong_loss_matches_official_normalisation():
   np.testing.assert_allclose(loss, nll[sel].sum() / (~pad).sum(), rtol=1e-5)
   np.testing.assert_allclose(aux["selected_ratio"], sel.sum() / (~pad).sum(), rtol=1e-6)
   value, grad = jax.jit(jax.value_and_grad(
-      lambda x: C.weak_to_strong_loss(x, labels, np.zeros_like(mask), pad)[0]))(logits)
+      lambda x: C.weak_to_strong_loss(x, labels, np.zeros_like(mask), valid=~pad)[0]))(logits)
   assert float(value) == 0.0 and np.all(np.isfinite(grad)) and not np.any(grad)

@@ -18,7 +18,7 @@ C, K, D, DV = 4, 16, 6, 5
 # 8 x 4 x 4 = 128 pixels: every class has fewer than 100 and there are fewer than 128
 # negatives, so the selection is deterministic and the NumPy reference needs no key.
 KW = dict(num_anchors=5, num_batch_keys=3, num_bank_keys=4, num_negatives=128,
-          max_pixels_per_class=100, ks=(2, 4, 8), chunk_size=16)
+          max_per_class=100, ks=(2, 4, 8), chunk_size=16)
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -180,6 +180,38 @@ def test_composed_loss_matches_numpy_and_grads_reach_anchors_only():
   touched[anchor_rows] = True
   g = np.asarray(g).reshape(-1, D)
   assert np.all(g[~touched] == 0.0) and np.all(np.abs(g[touched]).sum(1) > 0)
+
+
+def test_selection_in_aux_is_what_was_contrasted():
+  rng = np.random.default_rng(3)
+  bank = make_bank(rng, [K] * C)
+  proj, feats, labels = make_batch(rng)
+  (loss, aux), _ = _vg(proj, feats, labels, bank, jax.random.key(0), **KW)
+  sel = aux["selection"]
+  assert isinstance(sel, dgcl.DGCLSelection)
+  # The same selection as the sampler with the loss's key, and the anchors of the NumPy loss.
+  want, _ = dgcl.sample(feats, labels, bank, jax.random.key(0), num_anchors=5,
+                        num_batch_keys=3, num_bank_keys=4, num_negatives=128,
+                        max_per_class=100, ks=(2, 4, 8), chunk_size=16)
+  for got, ref in zip(sel, want):
+    np.testing.assert_array_equal(got, ref)
+  _, anchor_rows = np_composed_loss(proj, feats, labels, bank, ks=KW["ks"], num_anchors=5,
+                                    num_batch_keys=3, num_bank_keys=4)
+  drawn = np.asarray(sel.anchor_idx)[np.asarray(sel.anchor_valid)]
+  assert sorted(drawn) == sorted(anchor_rows)
+  flat = labels.reshape(-1)
+  for c in range(C):
+    assert (flat[np.asarray(sel.anchor_idx[c])[np.asarray(sel.anchor_valid[c])]] == c).all()
+    negatives = flat[np.asarray(sel.negative_idx[c])[np.asarray(sel.negative_valid[c])]]
+    assert ((negatives != c) & (negatives != 255)).all()
+  # Every other entry is a scalar; the skip branch (bank not full) selects nothing.
+  assert all(np.ndim(v) == 0 for k, v in aux.items() if k != "selection")
+  (loss, aux), _ = _vg(proj, feats, labels, make_bank(rng, [K, K, 7, K]),
+                       jax.random.key(0), **KW)
+  assert float(loss) == 0.0
+  assert jax.tree.structure(aux["selection"]) == jax.tree.structure(sel)
+  for got, ref in zip(aux["selection"], sel):
+    assert got.shape == ref.shape and got.dtype == ref.dtype and not np.asarray(got).any()
 
 
 def test_dgcl_loss_numerical_gradient():

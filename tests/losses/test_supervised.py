@@ -89,7 +89,8 @@ def _np_ohem(logits, labels, thresh, min_kept):
 @pytest.mark.parametrize("thresh,min_kept", [(0.7, 5), (0.2, 30), (0.9, 1000), (0.05, 10)])
 def test_ohem_matches_numpy(thresh, min_kept):
   logits, labels = _data(6, b=2, h=8, w=8, c=5)
-  got, _ = supervised.ohem_cross_entropy_loss(logits, labels, thresh=thresh, min_kept=min_kept)
+  got, _ = supervised.ohem_cross_entropy_loss(logits, labels, threshold=thresh,
+                                              min_kept=min_kept)
   np.testing.assert_allclose(got, _np_ohem(logits, labels, thresh, min_kept), rtol=1e-5)
 
 
@@ -101,7 +102,7 @@ def test_losses_under_pmap_equal_global_value_and_gradient():
     return supervised.cross_entropy_loss(x, y, m, reduction="u2pl", axis_name=axis_name)[0]
 
   def ohem(x, y, axis_name=None):
-    return supervised.ohem_cross_entropy_loss(x, y, thresh=0.5, min_kept=20,
+    return supervised.ohem_cross_entropy_loss(x, y, threshold=0.5, min_kept=20,
                                               axis_name=axis_name)[0]
 
   for fn, args in ((ce, (labels, mask)), (ohem, (labels,))):

@@ -28,6 +28,6 @@ def test_method_trains_on_a_binary_folder_dataset(name, tmp_path):
   res = loop.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
   assert res["steps"] == 3 and len(res["per_class_iou_teacher"]) == 2
   assert 0 <= res["miou_teacher"] <= 100
-  lines = [json.loads(l) for l in open(os.path.join(tmp_path / "run", "metrics.jsonl"))]
-  train = [l for l in lines if "train/loss" in l]
-  assert train and all(np.isfinite(v) for l in train for v in l.values())
+  lines = [json.loads(rec) for rec in open(os.path.join(tmp_path / "run", "metrics.jsonl"))]
+  train = [rec for rec in lines if "train/loss" in rec]
+  assert train and all(np.isfinite(v) for rec in train for v in rec.values())

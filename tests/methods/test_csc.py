@@ -93,6 +93,13 @@ def test_hidden_labels_feed_diagnostics_only():
     assert ma["contrast/anchors_unlabeled_share/den"] > 0
   assert any(ma["contrast/anchors_precision/num"] != mb["contrast/anchors_precision/num"]
              for ma, mb in zip(hist_a, hist_b))
+  # The oracle switch: the term's unlabeled labels are the true masks too.
+  _, _, hist = _steps(_config(**{"diagnostics.oracle_pseudo_labels": True}), steps=1,
+                      hidden_fn=lambda t: truths[0])
+  m = hist[0]
+  assert m["contrast/anchors_precision/den"] > 0
+  assert m["contrast/anchors_precision/num"] == m["contrast/anchors_precision/den"]
+  assert m["pl/precision/num"] == m["pl/precision/den"]
 
 
 def test_ablation_switches_and_the_paper_preset_train():
@@ -187,21 +194,23 @@ def test_one_device_and_eight_devices_agree():
 
 @pytest.mark.slow
 def test_trains_end_to_end_on_a_folder_and_resumes_with_its_bank(tmp_path):
-  from tests.data import fixtures   # pylint: disable=g-import-not-at-top
-  import json   # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  from tests.data import fixtures  # pylint: disable=g-import-not-at-top
   data = fixtures.make_folder(str(tmp_path / "data"), num_images=8, num_unlabeled=2)
   c = csc_config.get_config("smoke,split=1/2")
   c.data.dataset, c.data.root, c.data.val_fraction = "folder", data["root"], 0.25
   c.data.crop_size = 16
   c.train.num_devices = 1
-  c.train.total_steps, c.train.eval_every, c.train.checkpoint_every = 3, 0, 2
-  res = loop.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
-  assert res["steps"] == 3 and 0 <= res["miou_teacher"] <= 100
-  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-  train = [l for l in lines if "train/loss" in l]
-  assert train and all(np.isfinite(v) for l in train for v in l.values())
-  assert any("train/csc/separation" in l for l in train)   # num/den pooled on the host
+  c.train.total_steps, c.train.eval_every, c.train.checkpoint_every = 4, 0, 2
+  # Stopped after 3 of 4 steps (as a preempted job), then resumed with the same config (a
+  # changed schedule is refused: checkpoint.check_resume_config).
+  res = loop.train_and_evaluate(c, str(tmp_path / "run"), progress=False, max_steps=3)
+  assert res == {"stopped_at": 3}
+  lines = [json.loads(rec) for rec in open(tmp_path / "run" / "metrics.jsonl")]
+  train = [rec for rec in lines if "train/loss" in rec]
+  assert train and all(np.isfinite(v) for rec in train for v in rec.values())
+  assert any("train/csc/separation" in rec for rec in train)   # num/den pooled on the host
   # Resuming restores the GatedBank and the Cons probe with the rest of the state.
-  c.train.total_steps = 4
   res = loop.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
-  assert res["steps"] == 4 and res["steps_this_run"] == 1
+  assert res["steps"] == 4 and res["steps_this_run"] == 1 and 0 <= res["miou_teacher"] <= 100

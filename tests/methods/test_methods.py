@@ -92,6 +92,7 @@ def test_warmup_step_is_supervised_only_and_teacher_copies_student():
   for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
                   jax.tree.leaves((state.ema_params, state.ema_batch_stats))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(bank_before), jax.tree.leaves(jax.device_get(state.method_state))):
+  after = jax.device_get(state.method_state)
+  for a, b in zip(jax.tree.leaves(bank_before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
   assert metrics["loss"] == metrics["loss_sup"]

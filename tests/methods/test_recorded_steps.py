@@ -3,9 +3,12 @@
 `recorded_steps.json` holds, for each method's smoke config (SGD, 1 device, synthetic
 batches), the metrics of 3 train steps and SHA-256 digests of the final state, recorded with
 the code before the plugin refactor (commit 12589ec: methods with their own config blocks in
-base.py), with that commit's method code run on the current augmentation module
-(`python tests/methods/record_steps.py`). Any change of a method's arithmetic, random
-streams or BatchNorm batches shows up here as a changed bit.
+base.py), with that commit's method, train and config code run on the current pieces it calls
+(`semijax/augment/photometric.py`, `semijax/models/`, `semijax/sampling/`, `semijax/banks/`:
+issue 17 changed their floating-point order, e.g. the DGCL density's chunking, by design and
+under their own NumPy-reference tests). Recipe: `git worktree add /tmp/head 12589ec`, copy
+those files in, run `python tests/methods/record_steps.py` there. Any change of a method's
+arithmetic, random streams or BatchNorm batches shows up here as a changed bit.
 """
 
 import hashlib

@@ -15,6 +15,7 @@ import pytest
 
 from semijax.ops import resize_nearest
 from semijax.train import config_checks, loop
+
 from . import harness
 
 STEPS = 3
@@ -49,10 +50,11 @@ def test_four_micro_batches_of_two_equal_one_step_of_eight():
 def test_bank_push_sees_every_micro_batch():
   """DGCL with 2 micro-batches: the one push after the step holds both micro-batches' rows."""
   config = harness.smoke_config("dgcl", **{"train.num_devices": 1, "train.grad_accum_steps": 2,
-                                           "dgcl_contrast.bank_size": 1024, "dgcl_contrast.push_per_class": 1024})
+                                           "dgcl_contrast.bank_size": 1024,
+                                           "dgcl_contrast.push_per_class": 1024})
   state, history = harness.train(config, 1)
   assert history[0]["finite"] == 1.0
-  counts = np.asarray(state.method_state["bank"].count)
+  counts = np.asarray(state.method_state["dgcl_contrast"]["bank"].count)
   # The labeled rows' contrastive labels are the ground truth at feature resolution, so the
   # bank holds at least every labeled pixel of the whole batch, class by class (one
   # micro-batch alone has about half of them).
@@ -72,7 +74,7 @@ def test_bank_push_sees_every_micro_batch():
 
 def test_layout_is_checked_and_compared_with_the_recipe():
   """Refusals name the field; warnings say what differs from the recipe (no compile)."""
-  from semijax import parallel   # pylint: disable=g-import-not-at-top
+  from semijax import parallel  # pylint: disable=g-import-not-at-top
   config = harness.smoke_config("supervised", **{"train.num_devices": 2,
                                                  "train.grad_accum_steps": 3})
   with pytest.raises(loop.ConfigError, match=r"labeled_batch=8 does not split .* micro-batches"):

@@ -7,7 +7,6 @@ import pytest
 
 from semijax.pseudo import entropy as entropy_lib
 
-
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
@@ -65,11 +64,16 @@ def test_filtered_pseudo_labels():
   probs = _probs(rng, (2, 6, 6))
   valid = np.ones((2, 6, 6), bool)
   valid[0, 0] = False
-  labels, keep = jax.jit(lambda p, v: entropy_lib.filtered_pseudo_labels(
+  labels, keep, aux = jax.jit(lambda p, v: entropy_lib.filtered_pseudo_labels(
       p, v, drop_percent=30.0))(probs, valid)
   labels, keep = np.asarray(labels), np.asarray(keep)
   np.testing.assert_array_equal(labels[keep], probs.argmax(-1)[keep])
   assert np.all(labels[~keep] == 255) and not keep[0, 0].any()
+  np.testing.assert_array_equal(keep, entropy_lib.entropy_percentile_mask(probs, valid,
+                                                                          drop_percent=30.0))
+  np.testing.assert_allclose(aux["selected_ratio"], keep.sum() / valid.sum(), rtol=1e-6)
+  np.testing.assert_allclose(aux["entropy_threshold"], entropy_lib.entropy_threshold(
+      probs, valid, drop_percent=30.0), rtol=1e-6)
 
 
 def test_pmap_percentile_is_global():

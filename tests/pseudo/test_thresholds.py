@@ -81,7 +81,7 @@ def test_cplg_strict_ties_and_rules_differ():
   p[0, 0, 3] = [0.25, 0.75, 0.0]           # class 1 peak 0.75 = tau_low: not above it
   p[0, 0, 4] = [0.25, 0.0, 0.75]           # class 2 peak 0.75 ...
   p[0, 0, 5] = [0.125, 0.0625, 0.8125]     # ... no: class 2 peak 0.8125 > tau_low
-  common = dict(ratio=0.5, tau_low=0.75)
+  common = dict(peak_fraction=0.5, tau_low=0.75)
   _, official, _ = T.cplg_select(p, rule="official", **common)
   _, maxrule, _ = T.cplg_select(p, rule="max", **common)
   # official: tau_0 = 0.4375 (strict: pixel 1 out), tau_1 = 0.75 (its own peak: nothing),
@@ -98,12 +98,25 @@ def test_cplg_padding():
   pad[:, 4:, :] = True
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
   for include in (True, False):
-    labels, mask, aux = T.cplg_mask(logits, pad=pad, peaks_include_pad=include)
+    labels, mask, aux = T.cplg_mask(logits, valid=~pad, peaks_include_invalid=include)
     _, ref_mask, kept = np_cplg(probs, 0.96, 0.92, "official", pad, include)
     np.testing.assert_array_equal(mask, ref_mask)
     assert not np.asarray(mask)[pad].any()
     np.testing.assert_allclose(aux["selected_ratio"], ref_mask[~pad].mean(), rtol=1e-6)
     np.testing.assert_allclose(aux["classes_kept"], kept.mean(), rtol=1e-6)
+
+
+def test_cplg_thresholds_returns_thresholds_and_peaks():
+  p = np.zeros((1, 1, 3, 3), np.float32)
+  p[0, 0, 0] = [0.875, 0.0625, 0.0625]
+  p[0, 0, 1] = [0.25, 0.75, 0.0]
+  p[0, 0, 2] = [0.125, 0.0625, 0.8125]
+  tau, aux = T.cplg_thresholds(p, peak_fraction=0.5, tau_low=0.75)
+  np.testing.assert_array_equal(aux["peaks"], [[0.875, 0.75, 0.8125]])
+  np.testing.assert_array_equal(tau, [[0.4375, 0.75, 0.40625]])
+  # Peaks over the valid pixels only.
+  _, aux = T.cplg_thresholds(p, valid=np.array([[[False, True, True]]]))
+  np.testing.assert_array_equal(aux["peaks"], [[0.25, 0.75, 0.8125]])
 
 
 def test_confidence_mask_inclusive_and_strict():
@@ -118,11 +131,11 @@ def test_confidence_mask_inclusive_and_strict():
   np.testing.assert_allclose(aux["selected_ratio"], 2 / 3, rtol=1e-6)
   np.testing.assert_allclose(aux["mean_confidence"], (0.5 + 0.75 + 0.375) / 3, rtol=1e-6)
   pad = np.array([[[False, True, False]]])
-  _, masked, aux = T.confidence_mask(p, threshold=0.5, pad=pad)
+  _, masked, aux = T.confidence_mask(p, threshold=0.5, valid=~pad)
   np.testing.assert_array_equal(masked[0, 0], [True, False, False])
   np.testing.assert_allclose(aux["selected_ratio"], 0.5, rtol=1e-6)
   # DSSN's Cityscapes setting: threshold 0 keeps every non-padding pixel.
-  _, everything, _ = T.confidence_mask(p, threshold=0.0, pad=pad)
+  _, everything, _ = T.confidence_mask(p, threshold=0.0, valid=~pad)
   np.testing.assert_array_equal(everything, ~pad)
 
 
@@ -130,15 +143,15 @@ def test_aux_is_global_under_pmap_and_no_retrace():
   logits = np.concatenate([_logits(2), _logits(3), _logits(4)[:2]])  # 8 images
   pad = np.zeros(logits.shape[:3], bool)
   pad[::3, 5:] = True
-  _, mask, aux = T.cplg_mask(logits, pad=pad)
+  _, mask, aux = T.cplg_mask(logits, valid=~pad)
 
   @chex.assert_max_traces(n=1)
-  def per_device(l, p):
-    return T.cplg_mask(l, pad=p, axis_name="d")
+  def per_device(l, v):
+    return T.cplg_mask(l, valid=v, axis_name="d")
 
   f = jax.pmap(per_device, axis_name="d")
-  pm_labels, pm_mask, pm_aux = f(logits[:, None], pad[:, None])
-  f(logits[:, None] + 1.0, pad[:, None])
+  pm_labels, pm_mask, pm_aux = f(logits[:, None], ~pad[:, None])
+  f(logits[:, None] + 1.0, ~pad[:, None])
   np.testing.assert_array_equal(pm_mask[:, 0], mask)
   for k in aux:
     np.testing.assert_allclose(pm_aux[k], np.full(8, aux[k]), rtol=1e-6)

@@ -11,7 +11,6 @@ from semijax.banks import fifo
 from semijax.sampling import density
 from tests.references import np_density
 
-
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 

@@ -31,6 +31,19 @@ def make_bank(rng, fill):
   return fifo.write(bank, entries, valid), entries, valid
 
 
+def test_bank_from_entries_equals_writing_them():
+  rng = np.random.default_rng(11)
+  bank, entries, _ = make_bank(rng, [K, 6, 2, 0])
+  built = dgcl.bank_from_entries(entries[dgcl.FEATURE], entries[dgcl.PROJECTION],
+                                 entries[dgcl.DENSITY], np.array([K, 6, 2, 0]))
+  chex.assert_trees_all_equal(built, bank)
+  assert jax.tree.structure(built) == jax.tree.structure(dgcl.init_bank(C, K, feature_dim=DV,
+                                                                         projection_dim=DP))
+  full = dgcl.bank_from_entries(entries[dgcl.FEATURE], entries[dgcl.PROJECTION],
+                                entries[dgcl.DENSITY])
+  assert bool(fifo.is_full(full))
+
+
 def make_batch(rng, n=72):
   labels = rng.integers(0, C, n)
   labels[rng.random(n) < 0.15] = 255
@@ -43,7 +56,7 @@ def make_batch(rng, n=72):
 
 _sample = jax.jit(dgcl.sample, static_argnames=(
     "num_anchors", "num_batch_keys", "num_bank_keys", "num_negatives",
-    "max_pixels_per_class", "ks", "exclude_classes", "small_class_density", "chunk_size"))
+    "max_per_class", "ks", "exclude_classes", "small_class_density", "chunk_size"))
 KW = dict(num_anchors=A, num_batch_keys=PB, num_bank_keys=PM, num_negatives=NN, ks=KS,
           chunk_size=8)
 
@@ -52,7 +65,7 @@ def test_sample_matches_numpy_reference():
   rng = np.random.default_rng(0)
   bank, entries, bank_valid = make_bank(rng, [K, K, 7, K])
   feats, labels = make_batch(rng)
-  sel, aux = _sample(feats, labels, bank, jax.random.key(0), max_pixels_per_class=100,
+  sel, aux = _sample(feats, labels, bank, jax.random.key(0), max_per_class=100,
                      exclude_classes=(0,), small_class_density=None, **KW)
   sel = jax.tree.map(np.asarray, sel)
   for c in range(C):
@@ -85,7 +98,7 @@ def test_small_class_rule_subsample_and_no_exclusion():
   rng = np.random.default_rng(1)
   bank, _, _ = make_bank(rng, [K] * C)
   feats, labels = make_batch(rng)
-  sel, aux = _sample(feats, labels, bank, jax.random.key(1), max_pixels_per_class=4,
+  sel, aux = _sample(feats, labels, bank, jax.random.key(1), max_per_class=4,
                      exclude_classes=(), small_class_density=1.0, **KW)
   sel = jax.tree.map(np.asarray, sel)
   assert sel.class_valid[0] and sel.class_valid[1] and sel.class_valid[2]
@@ -105,13 +118,13 @@ def test_subsample_is_random_across_keys():
   feats, labels = make_batch(rng)
   chosen = set()
   for i in range(3):
-    sel, _ = _sample(feats, labels, bank, jax.random.key(i), max_pixels_per_class=4,
+    sel, _ = _sample(feats, labels, bank, jax.random.key(i), max_per_class=4,
                      exclude_classes=(), small_class_density=1.0, **KW)
     chosen |= set(np.asarray(sel.anchor_idx[1])[np.asarray(sel.anchor_valid[1])])
   assert len(chosen) > 4
 
 
-_push = jax.jit(dgcl.push_bank, static_argnames=("max_per_class", "ks", "min_bank_size",
+_push = jax.jit(dgcl.push_bank, static_argnames=("push_per_class", "ks", "min_bank_size",
                                                   "chunk_size", "axis_name"))
 
 
@@ -124,7 +137,7 @@ def test_push_bank_stores_density_against_current_bank():
   feats = rng.normal(size=(n, DV)).astype(np.float32)
   projs = np.concatenate([np.arange(n)[:, None], rng.normal(size=(n, DP - 1))],
                          1).astype(np.float32)  # projection[0] = pixel id
-  new = _push(bank, feats, projs, labels, jax.random.key(0), max_per_class=5, ks=KS,
+  new = _push(bank, feats, projs, labels, jax.random.key(0), push_per_class=5, ks=KS,
               min_bank_size=4, chunk_size=4)
   got, valid = fifo.read_newest_first(new)
   old_count = np.array([K, 6, 2, 0])
@@ -146,7 +159,7 @@ def test_push_bank_pmap_matches_global_and_no_retrace():
   projs = rng.normal(size=(8, 2, 3, DP)).astype(np.float32)
   labels = rng.integers(0, C, (8, 2, 3)).astype(np.int32)
   keys = jax.random.split(jax.random.key(5), 8)
-  fn = functools.partial(dgcl.push_bank, max_per_class=4, ks=KS, min_bank_size=4,
+  fn = functools.partial(dgcl.push_bank, push_per_class=4, ks=KS, min_bank_size=4,
                          chunk_size=4)
   banks = jax.pmap(lambda f, p, l, k: fn(bank, f, p, l, k, axis_name="d"),
                    axis_name="d")(feats, projs, labels, keys)
@@ -172,7 +185,7 @@ def test_sample_pmap_is_global_selection():
   feats = rng.normal(size=(8, 9, DV)).astype(np.float32)
   labels = rng.integers(0, C, (8, 9)).astype(np.int32)
   keys = jax.random.split(jax.random.key(7), 8)
-  kw = dict(KW, max_pixels_per_class=4, exclude_classes=(), small_class_density=1.0)
+  kw = dict(KW, max_per_class=4, exclude_classes=(), small_class_density=1.0)
   sel = jax.pmap(lambda f, l, k: dgcl.sample(f, l, bank, k, axis_name="d", **kw)[0],
                  axis_name="d")(feats, labels, keys)
   ref, _ = _sample(feats.reshape(-1, DV), labels.reshape(-1), bank, keys[0], **kw)
@@ -187,7 +200,7 @@ def test_push_bank_under_mesh_jit_matches_single_device(mesh8):
   projs = rng.normal(size=(8, 6, DP)).astype(np.float32)
   labels = rng.integers(0, C, (8, 6)).astype(np.int32)
   key = jax.random.key(9)
-  kw = dict(max_per_class=4, ks=KS, min_bank_size=4, chunk_size=4)
+  kw = dict(push_per_class=4, ks=KS, min_bank_size=4, chunk_size=4)
   ref = _push(bank, feats.reshape(-1, DV), projs.reshape(-1, DP), labels.reshape(-1), key,
               **kw)
   shard = lambda x: jax.device_put(x, NamedSharding(mesh8, P("data")))  # noqa: E731

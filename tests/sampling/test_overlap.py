@@ -51,15 +51,17 @@ def test_pair_views_matches_loops():
       a, np.where(flips[:, 0, None, None, None], x1[:, :, ::-1], x1))
 
 
-def test_block_valid_and_unflip():
+def test_valid_blocks_and_unflip():
   pad = np.zeros((2, 16, 16), bool)
   pad[0, 13:] = True          # rows 13-15 padded: block row 3 (rows 12-15) touches padding
   pad[1, :, 10:] = True
-  valid = np.asarray(overlap.block_valid(pad, 4))
+  valid = np.asarray(overlap.valid_blocks(~pad, 4))
   assert valid[0, :3].all() and not valid[0, 3].any()
   assert valid[1, :, :2].all() and not valid[1, :, 2:].any()
+  with pytest.warns(DeprecationWarning, match="valid_blocks"):
+    np.testing.assert_array_equal(overlap.block_valid(pad, 4), valid)   # deprecated form
   with pytest.raises(ValueError, match="multiple of stride"):
-    overlap.block_valid(np.zeros((1, 10, 10), bool), 4)
+    overlap.valid_blocks(np.ones((1, 10, 10), bool), 4)
   x = np.arange(2 * 3 * 4).reshape(2, 3, 4)
   np.testing.assert_array_equal(overlap.unflip(x, np.array([True, False])),
                                 np.stack([x[0, :, ::-1], x[1]]))

@@ -34,7 +34,8 @@ def make_maps(rng, b=6, h=5, w=6):
   return labels, preds
 
 
-_sample = jax.jit(semihard.semi_hard_anchors, static_argnames=("views", "ignore_index"))
+_sample = jax.jit(lambda *a, **k: semihard.sample(*a, **k)[0],
+                  static_argnames=("views", "ignore_index"))
 
 
 @pytest.mark.parametrize("views", [(2, 2, 2, 2), (3, 6, 5, 4), (1, 9, 2, 7)])
@@ -81,8 +82,8 @@ def test_valid_mask_and_ignore_are_never_drawn():
   rng = np.random.default_rng(1)
   labels, preds = make_maps(rng)
   allowed = rng.random(labels.shape) < 0.7
-  sel = semihard.semi_hard_anchors(labels, preds, jax.random.key(1), views=(2, 2, 2, 2),
-                                   valid=allowed)
+  sel, _ = semihard.sample(labels, preds, jax.random.key(1), views=(2, 2, 2, 2),
+                           valid=allowed)
   b = labels.shape[0]
   idx, valid = np.asarray(sel.index), np.asarray(sel.valid)
   for i in range(b):
@@ -97,7 +98,7 @@ def test_draws_are_uniform_within_each_kind():
   preds = np.zeros((1, 4, 4), np.int32)
   preds.reshape(-1)[:6] = 1
   views = (4, 2, 2, 2)
-  f = jax.jit(jax.vmap(lambda k: semihard.semi_hard_anchors(labels, preds, k, views=views)))
+  f = jax.jit(jax.vmap(lambda k: semihard.sample(labels, preds, k, views=views)[0]))
   sel = f(jax.random.split(jax.random.key(2), 3000))
   idx, valid = np.asarray(sel.index)[:, 0, 0], np.asarray(sel.valid)[:, 0, 0]
   counts = np.bincount(idx[valid], minlength=16)
@@ -112,8 +113,7 @@ def test_a_shard_with_global_image_ids_draws_what_the_global_batch_draws():
   key = jax.random.key(4)
   views = (2, 3, 2, 2)
   whole = _sample(labels, preds, key, views=views)
-  part = semihard.semi_hard_anchors(labels[3:], preds[3:], key, views=views,
-                                    image_ids=np.arange(3, 6))
+  part, _ = semihard.sample(labels[3:], preds[3:], key, views=views, image_ids=np.arange(3, 6))
   chex.assert_trees_all_equal(jax.tree.map(lambda x: x[3:], whole), part)
   other = _sample(labels, preds, jax.random.key(5), views=views)
   assert not np.array_equal(np.asarray(other.index), np.asarray(whole.index))
@@ -125,9 +125,22 @@ def test_no_retrace():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def f(labels, preds, key):
-    return semihard.semi_hard_anchors(labels, preds, key, views=(2, 3, 2, 2))
+    return semihard.sample(labels, preds, key, views=(2, 3, 2, 2))
 
   for t in range(3):
     labels, preds = make_maps(rng)
-    out = f(labels, preds, jax.random.key(t))
+    out, aux = f(labels, preds, jax.random.key(t))
     assert out.index.shape == (6, C, 3)
+    num = np.asarray(out.valid).sum()
+    assert float(aux["num_anchors"]) == num
+    np.testing.assert_allclose(aux["hard_ratio"], np.asarray(out.hard).sum() / max(num, 1))
+    assert float(aux["image_classes"]) == np.asarray(out.valid).any(-1).sum()
+
+
+def test_deprecated_semi_hard_anchors_returns_the_selection():
+  rng = np.random.default_rng(7)
+  labels, preds = make_maps(rng)
+  with pytest.warns(DeprecationWarning, match="semihard.sample"):
+    old = semihard.semi_hard_anchors(labels, preds, jax.random.key(0), views=(2, 3, 2, 2))
+  new, _ = semihard.sample(labels, preds, jax.random.key(0), views=(2, 3, 2, 2))
+  chex.assert_trees_all_equal(old, new)

@@ -24,8 +24,7 @@ from semijax import checkpoint
 from semijax.data import image_io, validation
 from semijax.data.sources import DataError
 from semijax.train import loop
-
-from data import fixtures  # tests/data: pytest puts tests/ on sys.path
+from tests.data import fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -26,11 +26,11 @@ def test_smoke_train_then_resume_continues_identically(tmp_path):
   res = loop.train_and_evaluate(config, full, progress=False)
   assert res["steps"] == 4 and 0 <= res["miou_teacher"] <= 100
   assert os.path.exists(res["figure"]) and os.path.isdir(res["tensorboard"])
-  lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
-  train = {l["step"]: l for l in lines if "train/loss" in l}
+  lines = [json.loads(rec) for rec in open(os.path.join(full, "metrics.jsonl"))]
+  train = {rec["step"]: rec for rec in lines if "train/loss" in rec}
   assert "train/loss_unsup" not in train[2] and train[2]["train/ema_keep_rate"] == 0.0
   assert "train/loss_unsup" in train[4]
-  assert any("val_teacher/miou" in l for l in lines)
+  assert any("val_teacher/miou" in rec for rec in lines)
 
   split = str(tmp_path / "split")
   out = loop.train_and_evaluate(config, split, progress=False, max_steps=2)
