@@ -13,6 +13,7 @@ def test_readme_has_snippets():
   assert len(SNIPPETS) >= 4
 
 
+@pytest.mark.slow   # several snippets compile and run losses and banks end to end (30-60 s each)
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_snippet_runs(index):
   exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {})  # noqa: S102
