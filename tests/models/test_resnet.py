@@ -217,6 +217,7 @@ def _small_bottleneck(**kwargs):
                        stem_width=8, output_stride=16, **kwargs)
 
 
+@pytest.mark.slow   # compiles two full ResNets forward and backward
 @pytest.mark.parametrize('multi_grid', [None, (1, 2, 4)])
 def test_scanned_equals_unscanned_for_the_same_weights(multi_grid):
   from semijax.models import weights  # pylint: disable=g-import-not-at-top
@@ -252,6 +253,7 @@ def test_scanned_equals_unscanned_for_the_same_weights(multi_grid):
                                  err_msg=str(k))
 
 
+@pytest.mark.slow   # compiles the ResNet gradient once per remat mode
 def test_remat_modes_give_the_same_values_and_gradients():
   x = jax.random.uniform(jax.random.key(4), (2, 33, 33, 3))
   variables = random_variables(_small_bottleneck(), x)
@@ -275,6 +277,7 @@ def test_remat_modes_give_the_same_values_and_gradients():
     resnet.remat_policy('some')
 
 
+@pytest.mark.slow
 def test_remat_keeps_fewer_residuals():
   # What the backward pass keeps: 'blocks' drops BatchNorm/ReLU temporaries (only conv
   # outputs), 'full' everything but each block's input.
