@@ -28,6 +28,7 @@ def main(names):
   for name in names:
     out[name] = test_recorded_steps.record(name)
     print(name, out[name]["metrics"][-1]["loss"], flush=True)
+  out["_machine"] = test_recorded_steps.machine()
   with open(path, "w") as f:
     json.dump(out, f, indent=1, sort_keys=True)
 

@@ -22,6 +22,20 @@ import pytest
 from tests.parallel import harness
 
 RECORDED = os.path.join(os.path.dirname(__file__), "recorded_steps.json")
+
+
+def machine() -> dict:
+  """What decides XLA:CPU's float order: CPU model and vector width, jax version."""
+  import platform  # pylint: disable=g-import-not-at-top
+  cpu, flags = "", []
+  if os.path.exists("/proc/cpuinfo"):
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name") and not cpu:
+        cpu = line.split(":", 1)[1].strip()
+      elif line.startswith("flags") and not flags:
+        flags = line.split(":", 1)[1].split()
+  return {"cpu": cpu, "avx512f": "avx512f" in flags, "jax": jax.__version__,
+          "machine": platform.machine()}
 FIELDS = ("params", "batch_stats", "ema_params", "ema_batch_stats", "method_state")
 
 
@@ -49,11 +63,20 @@ def record(name: str, steps: int = 3) -> dict:
 @pytest.mark.parametrize("name", ["supervised", "mean_teacher", "dgcl", "dssn"])
 def test_steps_match_the_recording(name):
   with open(RECORDED) as f:
-    expected = json.load(f)[name]
+    recorded = json.load(f)
+  expected = recorded[name]
+  # Bit identity is a property of one compiler on one CPU: elsewhere XLA may order float sums
+  # differently, so another machine checks the metrics to float32 rounding instead of bits.
+  same_machine = recorded.get("_machine") == machine()
   got = record(name)
   for t, (want, have) in enumerate(zip(expected["metrics"], got["metrics"])):
     for key, value in want.items():
       assert key in have, f"step {t}: metric {key!r} is gone"
-      assert have[key] == value or (np.isnan(value) and np.isnan(have[key])), (
-          f"step {t} {key}: recorded {value!r}, now {have[key]!r}")
-  assert got["digests"] == expected["digests"]
+      if same_machine:
+        assert have[key] == value or (np.isnan(value) and np.isnan(have[key])), (
+            f"step {t} {key}: recorded {value!r}, now {have[key]!r}")
+      else:
+        np.testing.assert_allclose(have[key], value, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"step {t} {key}")
+  if same_machine:
+    assert got["digests"] == expected["digests"]
