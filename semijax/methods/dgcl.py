@@ -76,12 +76,6 @@ class DGCL(teacher_student.TeacherStudent):
         size=size), metrics)
     weight = base.schedule_weight(ctx.step, start=self.config.train.supervised_warmup_steps)
     total = loss_sup + weight * (cfg.unsup_weight * loss_unsup + terms_total)
-    metrics.update({"loss_sup": loss_sup, "loss_unsup": loss_unsup, "unsup_weight": weight,
-                    "sup_selected_ratio": sup_aux["selected_ratio"],
-                    "pseudo_label_ratio": unsup_aux["selected_ratio"],
-                    "teacher_confident_ratio": pl_aux["selected_ratio"]})
-    if "drop_percent" in pl_aux:
-      metrics["pseudo_drop_percent"] = pl_aux["drop_percent"]
-    if "cutmix_applied" in view_aux:
-      metrics["cutmix_applied"] = view_aux["cutmix_applied"]
+    metrics.update(self.loss_metrics(loss_sup, loss_unsup, weight, sup_aux, unsup_aux, pl_aux,
+                                     view_aux))
     return total, metrics, extras

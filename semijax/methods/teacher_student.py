@@ -211,6 +211,22 @@ class TeacherStudent(base.Method):
       return None
     return jnp.where(ctx.batch["unlabeled"]["pad"], ops.IGNORE_INDEX, ctx.hidden_labels)
 
+  @staticmethod
+  def loss_metrics(loss_sup, loss_unsup, weight, sup_aux: Dict, unsup_aux: Dict, pl_aux: Dict,
+                   view_aux: Dict) -> Dict:
+    """The metrics every teacher-student recipe logs for its supervised and pseudo-label losses
+    (plus the rule's and strong view's optional ones)."""
+    metrics = {"loss_sup": loss_sup, "loss_unsup": loss_unsup, "unsup_weight": weight,
+               "sup_selected_ratio": sup_aux["selected_ratio"],
+               "pseudo_label_ratio": unsup_aux["selected_ratio"],
+               "teacher_confident_ratio": pl_aux["selected_ratio"]}
+    for name, aux, key in (("pseudo_drop_percent", pl_aux, "drop_percent"),
+                           ("teacher_mean_confidence", pl_aux, "mean_confidence"),
+                           ("cutmix_applied", view_aux, "cutmix_applied")):
+      if key in aux:
+        metrics[name] = aux[key]
+    return metrics
+
   def apply_terms(self, ctx: base.StepContext, views: Views, metrics: Dict):
     """Runs the extra terms; returns `(weighted sum, extras by term name)`."""
     total, extras = jnp.zeros((), jnp.float32), {}
